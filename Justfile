@@ -1,0 +1,26 @@
+# Set-up and the two entry points of the README. `just` itself comes from PyPI as rust-just.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+py := venv + "/bin/python"
+
+# Create .venv and install surgery with its dev extras. torch is pinned to the CPU build first so
+# that the bare `torch` requirement does not pull a multi-GB CUDA wheel.
+setup:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install -q --upgrade pip
+    {{py}} -m pip install -q "torch==2.13.0" || {{py}} -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+    {{py}} -m pip install -q -e ".[dev,report]"
+
+# The main job on a built-in default: build a small MiniMax-M2-layout checkpoint, prune it with REAP
+# at 50% on the built-in calibration text, verify it and generate from it. No network.
+demo: setup
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {{venv}}/bin/surgery demo --out demo
+
+# Run the test suite (offline).
+test: setup
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 {{venv}}/bin/python -m pytest -q
+    {{venv}}/bin/ruff check surgery tests tools
+
+lint:
+    {{venv}}/bin/ruff check surgery tests tools
