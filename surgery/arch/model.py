@@ -1,0 +1,144 @@
+"""A checkpoint seen through its family's table entry: which layers are MoE, how many experts, and
+what every on-disk tensor is (an expert's, a router's, or anything else)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+from surgery.arch.table import BY_ARCHITECTURE, ArchSpec
+from surgery.checkpoint.reader import Checkpoint, TensorInfo
+from surgery.errors import SurgeryError
+
+
+@dataclass(frozen=True)
+class TensorRole:
+    """What a tensor is to the pruner: `expert` (layer, expert), `router` (layer), or `other`."""
+
+    kind: str
+    layer: int | None = None
+    expert: int | None = None
+    rest: str = ""  # the part of the name after the expert index (e.g. "w1.weight_scale_inv")
+
+
+def find_spec(config: dict, where: object) -> ArchSpec:
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in BY_ARCHITECTURE:
+            return BY_ARCHITECTURE[arch]
+    supported = ", ".join(sorted(BY_ARCHITECTURE))
+    raise SurgeryError(f"unsupported architecture {archs or '(none given)'}; supported: {supported}", where)
+
+
+class MoEModel:
+    """Architecture facts about one checkpoint, from `config.json`, the table and the headers."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        if not ckpt.config:
+            raise SurgeryError("config.json is missing or empty", ckpt.config_path)
+        self.spec = find_spec(ckpt.config, ckpt.config_path)
+        spec, cfg = self.spec, ckpt.config
+        self.experts_key = next((k for k in spec.num_experts_keys if k in cfg), spec.num_experts_keys[0])
+        try:
+            self.num_layers = int(cfg[spec.num_layers_key])
+        except (KeyError, TypeError, ValueError):
+            raise SurgeryError(f"config has no valid {spec.num_layers_key!r}", ckpt.config_path) from None
+        tcfg = self.hf_config
+        self.num_experts = int(getattr(tcfg, "num_local_experts", None) or cfg.get(self.experts_key))
+        self.top_k = int(getattr(tcfg, spec.top_k_key))
+        layer_re = re.escape(spec.layer_prefix).replace(r"\{layer\}", r"(\d+)")
+        moe_re = layer_re + re.escape(spec.moe_disk + ".")
+        expert_re = re.escape(spec.expert_key.split("{expert}")[0])
+        self._expert_re = re.compile(f"^{moe_re}{expert_re}(\\d+)\\.(.+)$")
+        router_names = "|".join(re.escape(n) for n in (spec.router_weight, *spec.router_biases))
+        self._router_re = re.compile(f"^{moe_re}(?:{router_names})$")
+
+    @cached_property
+    def hf_config(self):
+        """The transformers config (defaults and attribute maps applied), read from config.json only."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(self.ckpt.directory, trust_remote_code=False)
+        except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+            raise SurgeryError(f"transformers cannot read this config: {exc}", self.ckpt.config_path) from None
+
+    # ---------------------------------------------------------------- layers
+    def cfg_value(self, key: str | None, default=None):
+        if key is None:
+            return default
+        value = getattr(self.hf_config, key, None)
+        return default if value is None else value
+
+    @cached_property
+    def moe_layers(self) -> list[int]:
+        spec = self.spec
+        first_dense = int(self.cfg_value(spec.first_dense_key, 0))
+        mlp_only = set(self.cfg_value(spec.mlp_only_key, []) or [])
+        step = int(self.cfg_value(spec.sparse_step_key, 1) or 1)
+        start = int(self.cfg_value(spec.start_key, 0))
+        interval = int(self.cfg_value(spec.interval_key, 1) or 1)
+        return [
+            i for i in range(self.num_layers)
+            if i >= first_dense and i not in mlp_only and (i + 1) % step == 0
+            and i >= start and (i - start) % interval == 0
+        ]
+
+    def layer_prefix(self, layer: int) -> str:
+        return self.spec.layer_prefix.format(layer=layer)
+
+    def moe_prefix(self, layer: int) -> str:
+        return self.layer_prefix(layer) + self.spec.moe_disk + "."
+
+    def router_weight_name(self, layer: int) -> str:
+        return self.moe_prefix(layer) + self.spec.router_weight
+
+    def router_bias_names(self, layer: int) -> list[str]:
+        names = [self.moe_prefix(layer) + b for b in self.spec.router_biases]
+        return [n for n in names if n in self.ckpt]
+
+    def expert_tensor_name(self, layer: int, expert: int, role: str, suffix: str = "weight") -> str:
+        proj = self.spec.projections[role]
+        return self.moe_prefix(layer) + self.spec.expert_key.format(expert=expert, proj=proj) + "." + suffix
+
+    def layer_tensors(self, layer: int) -> list[TensorInfo]:
+        prefix = self.layer_prefix(layer)
+        return [t for n, t in self.ckpt.tensors.items() if n.startswith(prefix)]
+
+    # ---------------------------------------------------------------- classification
+    def classify(self, name: str) -> TensorRole:
+        m = self._expert_re.match(name)
+        if m:
+            return TensorRole("expert", int(m.group(1)), int(m.group(2)), m.group(3))
+        m = self._router_re.match(name)
+        if m:
+            return TensorRole("router", int(m.group(1)))
+        return TensorRole("other")
+
+    def beyond_layers(self) -> list[int]:
+        """Layer indices stored in the checkpoint at or past num_hidden_layers (MTP modules)."""
+        layer_re = re.compile("^" + re.escape(self.spec.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
+        found = {int(m.group(1)) for n in self.ckpt.tensors if (m := layer_re.match(n))}
+        return sorted(i for i in found if i >= self.num_layers)
+
+    def routing_facts(self) -> dict:
+        r = self.spec.routing
+        renorm = r.renormalize if isinstance(r.renormalize, bool) else bool(self.cfg_value(r.renormalize, False))
+        facts = {"scoring": r.scoring, "bias_for_choice": r.bias_for_choice, "renormalize": renorm,
+                 "routed_scaling_factor": float(self.cfg_value(r.scaling_key, 1.0))}
+        if r.group_keys:
+            facts["n_group"] = int(self.cfg_value(r.group_keys[0], 1) or 1)
+            facts["topk_group"] = int(self.cfg_value(r.group_keys[1], 1) or 1)
+        return facts
+
+    def min_experts_to_keep(self) -> int:
+        """The fewest experts per layer that keep routing valid: top-k, and whole groups."""
+        facts = self.routing_facts()
+        n_group = facts.get("n_group", 1)
+        if n_group > 1:
+            # every group must still hold at least ceil(top_k / topk_group) experts... the simple
+            # safe bound: each selected group must be able to supply its share of the top-k.
+            return max(self.top_k, n_group)
+        return self.top_k

@@ -1,0 +1,156 @@
+"""The architecture table: one data entry per MoE family, nothing else.
+
+Everything the pipeline needs to know about a family lives here: where its decoder layers and MoE
+blocks are (on disk and in the transformers module), which layers are MoE, the on-disk names of the
+router, its biases and each expert's projections, shared experts, the config keys for expert count
+and top-k, and the routing rule. Code elsewhere reads these fields; it never tests a family name.
+
+Names on disk are the hub's (per-expert keys); transformers 5 fuses experts in memory
+(`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`), see `surgery.arch.layer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How the model turns router logits into top-k choices and weights (documented, and used by
+    `--routing reference`, plan validation and `inspect`; calibration runs the model's own router)."""
+
+    scoring: str  # "softmax" or "sigmoid"
+    bias_for_choice: bool = False  # e_score_correction_bias added for the choice only
+    renormalize: bool | str = False  # True, False, or the config key that decides it
+    scaling_key: str | None = None  # config key of routed_scaling_factor
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) config keys
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One MoE family. Paths with `{moe}` are relative to the layer prefix; `{expert}` / `{proj}`
+    are filled per expert and projection role."""
+
+    family: str
+    architectures: tuple[str, ...]
+    model_type: str
+    num_experts_keys: tuple[str, ...]  # config.json keys, first present wins and is written back
+    moe_disk: str  # MoE block prefix inside a layer on disk ("block_sparse_moe", "mlp")
+    moe_module: str  # attribute of the transformers decoder layer holding the MoE block
+    projections: dict[str, str]  # role (gate, up, down) -> on-disk projection name
+    routing: Routing
+    router_weight: str = "gate.weight"  # relative to the MoE prefix, [E, H]
+    router_biases: tuple[str, ...] = ()  # relative to the MoE prefix, [E], follow the kept rows
+    expert_key: str = "experts.{expert}.{proj}"  # relative to the MoE prefix; tensors below it follow
+    shared_experts: tuple[str, ...] = ()  # prefixes relative to the MoE prefix; never pruned
+    # (on-disk substring, in-memory substring) for layer-relative keys transformers renames on load
+    disk_to_memory: tuple[tuple[str, str], ...] = ()
+    layer_prefix: str = "model.layers.{layer}."
+    num_layers_key: str = "num_hidden_layers"
+    top_k_key: str = "num_experts_per_tok"
+    first_dense_key: str | None = None  # e.g. first_k_dense_replace: layers [0, k) are dense
+    mlp_only_key: str | None = None  # explicit list of dense layers
+    sparse_step_key: str | None = None  # MoE every n-th layer ((i + 1) % n == 0)
+    start_key: str | None = None  # first MoE layer index (ERNIE: moe_layer_start_index)
+    interval_key: str | None = None  # MoE interval from the start (ERNIE: moe_layer_interval)
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+    per_layer_counts: bool = False  # transformers builds every MoE layer with one config count
+    notes: tuple[str, ...] = field(default=())
+
+
+SWIGLU_W = {"gate": "w1", "up": "w3", "down": "w2"}
+SWIGLU_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+TABLE: tuple[ArchSpec, ...] = (
+    ArchSpec(
+        family="minimax_m2",
+        architectures=("MiniMaxM2ForCausalLM",),
+        model_type="minimax_m2",
+        num_experts_keys=("num_local_experts", "num_experts"),
+        moe_disk="block_sparse_moe",
+        moe_module="mlp",
+        projections=SWIGLU_W,
+        routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize=True),
+        router_biases=("e_score_correction_bias",),
+        disk_to_memory=((".block_sparse_moe.", ".mlp."),),
+        notes=("e_score_correction_bias lives on the MoE block, not the router",),
+    ),
+    ArchSpec(
+        family="mixtral",
+        architectures=("MixtralForCausalLM",),
+        model_type="mixtral",
+        num_experts_keys=("num_local_experts", "num_experts"),
+        moe_disk="block_sparse_moe",
+        moe_module="mlp",
+        projections=SWIGLU_W,
+        routing=Routing(scoring="softmax", renormalize=True),
+        disk_to_memory=((".block_sparse_moe.", ".mlp."),),
+    ),
+    ArchSpec(
+        family="qwen3_moe",
+        architectures=("Qwen3MoeForCausalLM",),
+        model_type="qwen3_moe",
+        num_experts_keys=("num_experts", "num_local_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
+        mlp_only_key="mlp_only_layers",
+        sparse_step_key="decoder_sparse_step",
+    ),
+    ArchSpec(
+        family="qwen2_moe",
+        architectures=("Qwen2MoeForCausalLM",),
+        model_type="qwen2_moe",
+        num_experts_keys=("num_experts", "num_local_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
+        shared_experts=("shared_expert.", "shared_expert_gate."),
+        mlp_only_key="mlp_only_layers",
+        sparse_step_key="decoder_sparse_step",
+    ),
+    ArchSpec(
+        family="olmoe",
+        architectures=("OlmoeForCausalLM",),
+        model_type="olmoe",
+        num_experts_keys=("num_experts", "num_local_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
+    ),
+    ArchSpec(
+        family="glm4_moe",
+        architectures=("Glm4MoeForCausalLM",),
+        model_type="glm4_moe",
+        num_experts_keys=("n_routed_experts", "num_local_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize="norm_topk_prob",
+                        scaling_key="routed_scaling_factor", group_keys=("n_group", "topk_group")),
+        router_biases=("gate.e_score_correction_bias",),
+        shared_experts=("shared_experts.",),
+        first_dense_key="first_k_dense_replace",
+    ),
+    ArchSpec(
+        family="deepseek_v3",
+        architectures=("DeepseekV3ForCausalLM",),
+        model_type="deepseek_v3",
+        num_experts_keys=("n_routed_experts", "num_local_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize="norm_topk_prob",
+                        scaling_key="routed_scaling_factor", group_keys=("n_group", "topk_group")),
+        router_biases=("gate.e_score_correction_bias",),
+        shared_experts=("shared_experts.",),
+        first_dense_key="first_k_dense_replace",
+    ),
+)
+
+BY_ARCHITECTURE: dict[str, ArchSpec] = {a: spec for spec in TABLE for a in spec.architectures}

@@ -1,0 +1,296 @@
+"""Read a sharded safetensors checkpoint from its headers, one tensor (or a few rows) at a time.
+
+Why not `safetensors.safe_open`: it does not expose the byte offsets of each tensor, which the
+rewriter needs to copy untouched tensors byte for byte, and it maps the whole shard. The format is
+an 8-byte little-endian header length, a JSON header, then raw little-endian tensor bytes, so
+reading it directly with `os.pread` costs a few lines and reads exactly the bytes asked for.
+Every structural problem (missing shard, truncated file, bad header, index entry outside the model
+directory, byte range past the file end) is a one-line `SurgeryError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.errors import SurgeryError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
+
+# safetensors dtype code -> (torch dtype, bytes per element)
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "U16": (torch.uint16, 2),
+    "U32": (torch.uint32, 4),
+    "U64": (torch.uint64, 8),
+    "BOOL": (torch.bool, 1),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+}
+TORCH_TO_CODE = {dt: code for code, (dt, _) in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: shard file, dtype, shape and absolute byte range in that file."""
+
+    name: str
+    shard: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ShardHeader:
+    """One shard's parsed header; `raw` is the exact header bytes (used for fingerprints)."""
+
+    name: str
+    path: Path
+    file_size: int
+    data_start: int
+    raw: bytes
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+
+def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
+    """Parse and validate one safetensors file's header without reading any tensor data."""
+    name = name or path.name
+    if not path.is_file():
+        raise SurgeryError("shard file is missing", path)
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise SurgeryError(f"truncated file ({file_size} bytes; no safetensors header)", path)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_HEADER_BYTES:
+            raise SurgeryError(f"header does not parse (declared length {header_len} is implausible)", path)
+        if 8 + header_len > file_size:
+            raise SurgeryError(
+                f"truncated file: header needs {8 + header_len} bytes, file has {file_size}", path
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SurgeryError(f"header does not parse: {exc}", path) from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    shard = ShardHeader(name=name, path=path, file_size=file_size, data_start=data_start, raw=raw,
+                        metadata=metadata)
+    for tname, entry in header.items():
+        try:
+            dtype = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise SurgeryError(f"header does not parse: bad entry for tensor {tname!r}", path) from None
+        if dtype not in DTYPES:
+            raise SurgeryError(f"tensor {tname!r} has unsupported dtype {dtype!r}", path)
+        if not 0 <= begin <= end:
+            raise SurgeryError(f"tensor {tname!r} has invalid data offsets [{begin}, {end})", path)
+        if end > data_size:
+            raise SurgeryError(
+                f"tensor {tname!r} byte range [{begin}, {end}) runs past the end of the file "
+                f"(data section is {data_size} bytes; truncated?)", path)
+        expected = math.prod(shape) * DTYPES[dtype][1]
+        if end - begin != expected:
+            raise SurgeryError(
+                f"tensor {tname!r} spans {end - begin} bytes but shape {list(shape)} of {dtype} needs {expected}",
+                path)
+        shard.tensors[tname] = TensorInfo(tname, name, dtype, shape, data_start + begin, data_start + end)
+    return shard
+
+
+class Checkpoint:
+    """A checkpoint directory, known from its index and shard headers; tensors are read on demand.
+
+    Opening a checkpoint reads `config.json`, the index and every shard's header (a few KB each),
+    never tensor data. Files are opened read-only; the checkpoint is never modified.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise SurgeryError("not a directory", self.directory)
+        self.config_path = self.directory / "config.json"
+        self.config: dict = {}
+        if self.config_path.is_file():
+            try:
+                self.config = json.loads(self.config_path.read_text())
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise SurgeryError(f"config.json does not parse: {exc}", self.config_path) from None
+        self.index_path: Path | None = None
+        self.index_metadata: dict = {}
+        self.shards: dict[str, ShardHeader] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self._fds: dict[str, int] = {}
+        self._load()
+
+    # ---------------------------------------------------------------- loading and validation
+    def _resolve_shard(self, rel: str, source: Path) -> Path:
+        path = (self.directory / rel)
+        root = self.directory.resolve()
+        if os.path.isabs(rel) or not path.resolve().is_relative_to(root):
+            raise SurgeryError(f"index entry {rel!r} points outside the model directory", source)
+        return path
+
+    def _load(self) -> None:
+        index = self.directory / INDEX_NAME
+        single = self.directory / SINGLE_NAME
+        if index.is_file():
+            self.index_path = index
+            try:
+                data = json.loads(index.read_text())
+                weight_map = data["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise ValueError("weight_map is not an object")
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+                raise SurgeryError(f"index does not parse: {exc}", index) from None
+            self.index_metadata = data.get("metadata") or {}
+            for rel in sorted(set(weight_map.values())):
+                path = self._resolve_shard(rel, index)
+                if not path.is_file():
+                    raise SurgeryError(f"shard named in {INDEX_NAME} is missing", path)
+                self.shards[rel] = read_shard_header(path, rel)
+            for tname, rel in weight_map.items():
+                info = self.shards[rel].tensors.get(tname)
+                if info is None:
+                    raise SurgeryError(f"tensor {tname!r} is listed in the index but not in this shard",
+                                       self.shards[rel].path)
+                self.tensors[tname] = info
+        elif single.is_file():
+            self.shards[SINGLE_NAME] = read_shard_header(single)
+            self.tensors = dict(self.shards[SINGLE_NAME].tensors)
+        else:
+            raise SurgeryError(f"no {INDEX_NAME} or {SINGLE_NAME} (not a safetensors checkpoint)",
+                               self.directory)
+
+    # ---------------------------------------------------------------- queries
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SurgeryError(f"tensor {name!r} is not in the checkpoint", self.directory) from None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def shard_tensors(self, shard: str) -> list[TensorInfo]:
+        """Tensors of one shard in file order (the order a streaming rewrite reads them)."""
+        return sorted(self.shards[shard].tensors.values(), key=lambda t: t.begin)
+
+    # ---------------------------------------------------------------- reads
+    def _fd(self, shard: str) -> int:
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = os.open(self.shards[shard].path, os.O_RDONLY)
+            self._fds[shard] = fd
+        return fd
+
+    def read_bytes(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
+        """Read `length` bytes of a tensor starting `start` bytes into it (all of it by default)."""
+        length = info.nbytes - start if length is None else length
+        buf = bytearray(length)
+        view = memoryview(buf)
+        fd, pos, done = self._fd(info.shard), info.begin + start, 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise SurgeryError(f"unexpected end of file reading tensor {info.name!r}",
+                                   self.shards[info.shard].path)
+            done += n
+        return buf
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or rows [start, stop) of its first dimension, and nothing else."""
+        info = self.info(name)
+        if rows is None:
+            start, stop, shape = 0, None, info.shape
+        else:
+            row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else 0
+            lo, hi = max(0, rows[0]), min(info.shape[0], rows[1])
+            start, stop, shape = lo * row_bytes, (hi - lo) * row_bytes, (hi - lo, *info.shape[1:])
+        buf = self.read_bytes(info, start, stop)
+        if not buf:
+            return torch.empty(shape, dtype=info.torch_dtype)
+        return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(shape)
+
+    def read_rows(self, name: str, row_ids: Iterable[int], block_rows: int = 8192) -> dict[int, torch.Tensor]:
+        """Gather selected rows of a 2-D tensor (e.g. the embedding) reading one block at a time."""
+        wanted = sorted(set(int(r) for r in row_ids))
+        out: dict[int, torch.Tensor] = {}
+        i = 0
+        while i < len(wanted):
+            lo = wanted[i]
+            hi = min(lo + block_rows, self.info(name).shape[0])
+            block = self.read(name, (lo, hi))
+            while i < len(wanted) and wanted[i] < hi:
+                out[wanted[i]] = block[wanted[i] - lo].clone()
+                i += 1
+        return out
+
+    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.read(name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

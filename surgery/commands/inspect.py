@@ -1,0 +1,49 @@
+"""`surgery inspect MODEL [--json]`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.reader import Checkpoint
+from surgery.checkpoint.resolve import resolve_model
+from surgery.cli import app
+from surgery.inspect import human_bytes, layer_ranges, summarize
+
+
+@app.command("inspect")
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Checkpoint directory or hub id (from the local HF cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What is in a checkpoint and what pruning would do to it; reads headers only, no weights."""
+    with Checkpoint(resolve_model(model)) as ckpt:
+        info = summarize(MoEModel(ckpt))
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    t = Table(show_header=False, box=None)
+    rows = [
+        ("architecture", f"{info['architecture']} (family {info['family']})"),
+        ("layers", f"{info['num_layers']}" + (f" (+ stored beyond: {info['extra_layers']})" if info["extra_layers"] else "")),
+        ("MoE layers", f"{layer_ranges(info['moe_layers'])} ({len(info['moe_layers'])})"),
+        ("experts per MoE layer", f"{info['num_experts']} (config key {info['num_experts_key']})"),
+        ("top-k", str(info["experts_per_token"])),
+        ("routing", ", ".join(f"{k}={v}" for k, v in info["routing"].items())),
+        ("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in info["dtypes"].items())),
+        ("quantization", json.dumps(info["quantization"]) if info["quantization"] else "none"),
+        ("shards / tensors", f"{info['shards']} / {info['tensors']}"),
+        ("total", human_bytes(info["total_bytes"])),
+        ("routed experts", f"{human_bytes(info['expert_bytes'])} "
+                           f"({100 * info['expert_bytes'] / max(1, info['total_bytes']):.1f}%)"),
+    ]
+    for r, size in info["pruned_bytes"].items():
+        rows.append((f"after pruning {float(r):.0%}", f"{human_bytes(size)} "
+                     f"({info['experts_kept'][r]} experts per layer)"))
+    for k, v in rows:
+        t.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(t)

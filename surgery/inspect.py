@@ -1,0 +1,84 @@
+"""`surgery inspect`: what is in a checkpoint and what pruning would do to it, from headers alone."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.fingerprint import fingerprint
+
+RATIOS = (0.25, 0.40, 0.50)
+
+
+def pruned_size(model: MoEModel, ratio: float, expert_bytes: dict[int, int], router_bytes: dict[int, int]) -> int:
+    """Checkpoint bytes after keeping E - floor(E * ratio) experts in every MoE layer."""
+    e = model.num_experts
+    keep = e - int(e * ratio)
+    moe_bytes = sum(expert_bytes.values()) + sum(router_bytes.values())
+    return model.ckpt.total_bytes - moe_bytes + (moe_bytes * keep) // e
+
+
+def summarize(model: MoEModel) -> dict:
+    ckpt = model.ckpt
+    expert_bytes: dict[int, int] = defaultdict(int)
+    router_bytes: dict[int, int] = defaultdict(int)
+    dtype_bytes: Counter[str] = Counter()
+    scales = 0
+    for name, info in ckpt.tensors.items():
+        dtype_bytes[info.dtype] += info.nbytes
+        if name.endswith("weight_scale_inv"):
+            scales += 1
+        role = model.classify(name)
+        if role.kind == "expert":
+            expert_bytes[role.layer] += info.nbytes
+        elif role.kind == "router":
+            router_bytes[role.layer] += info.nbytes
+    qcfg = ckpt.config.get("quantization_config")
+    quant = None
+    if qcfg:
+        quant = {k: qcfg.get(k) for k in ("quant_method", "fmt", "weight_block_size", "bits", "group_size")
+                 if qcfg.get(k) is not None}
+        quant["scale_tensors"] = scales
+    total = ckpt.total_bytes
+    return {
+        "path": str(ckpt.directory),
+        "architecture": model.spec.architectures[0],
+        "family": model.spec.family,
+        "fingerprint": fingerprint(ckpt)["sha256"],
+        "num_layers": model.num_layers,
+        "moe_layers": model.moe_layers,
+        "extra_layers": model.beyond_layers(),
+        "num_experts": model.num_experts,
+        "num_experts_key": model.experts_key,
+        "experts_per_token": model.top_k,
+        "routing": model.routing_facts(),
+        "dtypes": dict(sorted(dtype_bytes.items(), key=lambda kv: -kv[1])),
+        "quantization": quant,
+        "shards": len(ckpt.shards),
+        "tensors": len(ckpt.tensors),
+        "total_bytes": total,
+        "expert_bytes": sum(expert_bytes.values()),
+        "router_bytes": sum(router_bytes.values()),
+        "pruned_bytes": {f"{r:.2f}": pruned_size(model, r, expert_bytes, router_bytes) for r in RATIOS},
+        "experts_kept": {f"{r:.2f}": model.num_experts - int(model.num_experts * r) for r in RATIOS},
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n}"
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0,1,2,5] -> '0-2, 5'."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(f"{start}" if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out) or "none"
