@@ -57,6 +57,10 @@ class ArchSpec:
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
     per_layer_counts: bool = False  # transformers builds every MoE layer with one config count
+    # in-memory fused expert parameter -> the projection roles concatenated (dim 0) per expert and
+    # stacked over experts: gate_up_proj[e] = cat(gate_e, up_e) [2I, H]; down_proj[e] = down_e [H, I]
+    fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("gate_up_proj", ("gate", "up")), ("down_proj", ("down",)))
     notes: tuple[str, ...] = field(default=())
 
 

@@ -1,0 +1,107 @@
+"""Build one transformers decoder layer from on-disk tensors, and nothing else of the model.
+
+The whole model is instantiated once on the meta device (no memory), so every layer is exactly the
+class, attention, rotary and norm code transformers uses for the family. For layer l we read only
+that layer's tensors, dequantise FP8 blocks, fuse the hub's per-expert tensors into transformers 5's
+`[E, ...]` parameters, and assign them with `load_state_dict(strict=True, assign=True)`; afterwards
+the layer goes back to the meta device, so only one layer is ever resident.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size, dequantize
+from surgery.errors import SurgeryError
+
+
+class LayerFactory:
+    """Pages decoder layers of one checkpoint in and out of a meta-device skeleton."""
+
+    def __init__(self, model: MoEModel, dtype: torch.dtype, device: torch.device,
+                 attn_implementation: str | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = model
+        self.dtype = dtype
+        self.device = device
+        config = model.hf_config
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        with torch.device("meta"):
+            self.skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.skeleton.eval()
+        self.config = self.skeleton.config
+        inner = self.skeleton.model
+        self.rotary = type(inner.rotary_emb)(config=self.config).to(device) if hasattr(inner, "rotary_emb") else None
+
+    # ---------------------------------------------------------------- state dict from disk
+    def _to_memory_key(self, rel: str) -> str:
+        key = "." + rel
+        for disk, mem in self.model.spec.disk_to_memory:
+            key = key.replace(disk, mem)
+        return key[1:]
+
+    def read_state_dict(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's tensors under their in-memory names, FP8 dequantised, experts fused."""
+        model, spec, ckpt = self.model, self.model.spec, self.model.ckpt
+        prefix = model.layer_prefix(layer)
+        names = [t.name for t in model.layer_tensors(layer)]
+        present = set(names)
+        router_biases = set(model.router_bias_names(layer))
+        state: dict[str, torch.Tensor] = {}
+        experts: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        role_of = {proj: role for role, proj in spec.projections.items()}
+        for name in names:
+            if name.endswith(SCALE_SUFFIX):
+                continue  # consumed with its weight
+            tensor = ckpt.read(name)
+            scale_name = name.removesuffix("weight") + SCALE_SUFFIX
+            if name.endswith("weight") and scale_name in present:
+                scale = ckpt.read(scale_name)
+                tensor = dequantize(tensor, scale, block_size(ckpt.config, tensor.shape, scale.shape))
+            if tensor.is_floating_point() and name not in router_biases:
+                tensor = tensor.to(self.dtype)
+            role = model.classify(name)
+            if role.kind == "expert":
+                proj = role.rest.removesuffix(".weight")
+                if proj not in role_of or not role.rest.endswith(".weight"):
+                    raise SurgeryError(f"unexpected expert tensor {name!r} for family {spec.family}",
+                                       ckpt.directory)
+                experts[role.expert][role_of[proj]] = tensor
+                continue
+            state[self._to_memory_key(name[len(prefix):])] = tensor
+        if experts:
+            moe = spec.moe_module + ".experts."
+            ids = sorted(experts)
+            if ids != list(range(len(ids))):
+                raise SurgeryError(f"layer {layer} has experts {ids[:3]}... not numbered 0..n-1", ckpt.directory)
+            for param, roles in spec.fused_experts:
+                state[moe + param] = torch.stack(
+                    [torch.cat([experts[e][r] for r in roles], dim=0) for e in ids])
+        return state
+
+    # ---------------------------------------------------------------- paging
+    def load(self, layer: int) -> nn.Module:
+        module = self.skeleton.model.layers[layer]
+        state = self.read_state_dict(layer)
+        try:
+            module.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise SurgeryError(f"layer {layer} does not match the {self.model.spec.family} layout: {first}",
+                               self.model.ckpt.directory) from None
+        return module.to(self.device)
+
+    def unload(self, layer: int) -> None:
+        self.skeleton.model.layers[layer].to("meta")
+
+    def moe_block(self, module: nn.Module) -> nn.Module | None:
+        block = getattr(module, self.model.spec.moe_module, None)
+        if block is not None and hasattr(block, "experts") and hasattr(block, "gate"):
+            return block
+        return None
