@@ -145,3 +145,64 @@ def quantize_fp8(src: str | Path, dst: str | Path, block: int = 128) -> Path:
         if extra.suffix in (".json", ".jinja", ".txt") and not (dst / extra.name).exists():
             (dst / extra.name).write_bytes(extra.read_bytes())
     return dst
+
+
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|endoftext|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def stdlib_text(max_bytes: int = 2_000_000) -> list[str]:
+    """Deterministic sample of the Python standard library's source: text every machine has."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        total += len(text)
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def make_tokenizer(out: str | Path, vocab_size: int = 2048) -> Path:
+    """Train a byte-level BPE tokenizer on stdlib text and save it with a chat template (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|bos|>", "<|eos|>", "<|pad|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(stdlib_text(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|bos|>",
+                                   pad_token="<|pad|>")
+    fast.chat_template = DEMO_CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return Path(out)
+
+
+def make_demo_model(out: str | Path, seed: int = 0) -> Path:
+    """The demo's built-in default: a small MiniMax-M2-layout checkpoint (random weights, bf16, hub
+    shard layout) with a tokenizer trained on the standard library. About 40 MB."""
+    out = Path(out)
+    if (out / "config.json").is_file() and (out / "tokenizer.json").is_file():
+        return out
+    make_tokenizer(out, vocab_size=2048)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    make_checkpoint(out, "minimax_m2", seed=seed, dtype=torch.bfloat16, max_shard_size="8MB",
+                    hidden_size=256, intermediate_size=128, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=32, rotary_dim=32, num_local_experts=32,
+                    num_experts_per_tok=4, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return out

@@ -39,6 +39,12 @@ class CalibrateOptions:
     keep_hidden: bool = False
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.routing not in ("model", "reference"):
+            raise SurgeryError(f"unknown routing {self.routing!r} (use model or reference)")
+        if self.batch_size < 1:
+            raise SurgeryError(f"batch size must be at least 1, got {self.batch_size}")
+
     def identity(self) -> dict:
         """Options that change the result (and so must match on resume)."""
         return {"batch_size": self.batch_size, "dtype": self.dtype, "routing": self.routing}

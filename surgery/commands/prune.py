@@ -1,0 +1,51 @@
+"""`surgery prune MODEL --out OUT [--dataset ... | --recipe r.toml] --method M --ratio R`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from surgery.checkpoint.resolve import resolve_model
+from surgery.cli import app
+from surgery.commands import options as o
+from surgery.executor.calibrate import CalibrateOptions
+from surgery.pipeline import DataOptions, prune
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="Checkpoint directory or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
+    work: Path | None = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.work beside OUT)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="TOML recipe: datasets, samples, length, method, ratio."),
+    method: str | None = typer.Option(None, "--method", help="reap (default), frequency, ean, weighted_frequency, random."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (default 0.5)."),
+    dataset: list[str] = o.DATASET,
+    samples: int | None = typer.Option(None, "--samples", help="Documents per dataset (default 64)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default 512)."),
+    batch_size: int = o.BATCH_SIZE,
+    device: str = o.DEVICE,
+    dtype: str = o.DTYPE,
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed (default 42)."),
+    pack: bool = o.PACK,
+    routing: str = o.ROUTING,
+    no_progress: bool = o.NO_PROGRESS,
+) -> None:
+    """Calibrate, plan and rewrite in one command; each stage is skipped when already complete."""
+    data = DataOptions(list(dataset), 64, 512, 42, pack)
+    chosen_method, chosen_ratio = "reap", 0.5
+    if recipe is not None:
+        from surgery.data import load_recipe
+
+        r = load_recipe(recipe)
+        data = DataOptions(list(dataset) or list(r.datasets), r.samples, r.max_length, r.seed, r.pack or pack)
+        chosen_method, chosen_ratio = r.method, r.ratio
+    data.samples = samples if samples is not None else data.samples
+    data.max_length = max_length if max_length is not None else data.max_length
+    data.seed = seed if seed is not None else data.seed
+    opts = CalibrateOptions(batch_size=batch_size, device=device, dtype=dtype, routing=routing,
+                            progress=not no_progress)
+    prune(resolve_model(model), out, work or out.with_name(out.name + ".work"), data, opts,
+          method or chosen_method, ratio if ratio is not None else chosen_ratio, seed=data.seed,
+          progress=not no_progress)

@@ -1,0 +1,90 @@
+"""The stages a command strings together: calibration data -> calibrate -> plan -> rewrite -> verify.
+
+Each stage is skipped when its result is already complete (the manifests say so), which is what
+makes `surgery prune` resumable as a whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+
+from surgery.errors import SurgeryError
+from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+from surgery.inspect import human_bytes
+
+console = Console(stderr=True)
+
+
+@dataclass
+class DataOptions:
+    datasets: list[str] = field(default_factory=list)
+    samples: int = 64
+    max_length: int = 512
+    seed: int = 42
+    pack: bool = False
+
+
+def calibration_inputs(model_dir: Path, data: DataOptions) -> CalibrationInputs:
+    """Tokenise the calibration data with the model's tokenizer (deterministic for a seed)."""
+    from surgery.data import build_calibration_set, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    calib = build_calibration_set(data.datasets, tokenizer, samples=data.samples, max_length=data.max_length,
+                                  seed=data.seed, pack=data.pack)
+    if calib.input_ids.size == 0 or int(calib.attention_mask.sum()) == 0:
+        raise SurgeryError("the calibration data produced no tokens")
+    for cat in calib.categories:
+        short = f" (asked for {cat.requested})" if cat.documents < cat.requested else ""
+        console.print(f"[dim]data[/dim] {cat.name}: {cat.documents} documents{short}, {cat.tokens} tokens, "
+                      f"{cat.truncated} truncated, {cat.skipped} skipped")
+    if calib.default_used:
+        console.print("[yellow]No --dataset given: using the built-in generic corpus (Python stdlib code, "
+                      "docs, tool calls). Domain-matched calibration data prunes better.[/yellow]")
+    settings = {"samples": data.samples, "max_length": data.max_length, "seed": data.seed, "pack": data.pack}
+    return CalibrationInputs(calib.input_ids, calib.attention_mask, dict(calib.spec_hashes), settings)
+
+
+def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOptions) -> dict:
+    calibrator = Calibrator(model_dir, work, opts)
+    saliency = calibrator.run(calibration_inputs(model_dir, data))
+    summary = getattr(calibrator, "summary", None)
+    if summary:
+        extra = f", peak GPU {summary['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in summary else ""
+        console.print(
+            f"calibrated {summary['layers']} layers, {summary['tokens']} tokens in {summary['seconds']:.1f} s "
+            f"({summary['tokens'] * summary['layers'] / max(summary['seconds'], 1e-9):,.0f} token-layers/s) on "
+            f"{summary['device']} ({summary['dtype']}); peak RSS {summary['peak_rss_mb']:.0f} MB{extra}; "
+            f"cache {human_bytes(summary['cache_bytes'])} -> {work / 'saliency.json'}")
+    else:
+        console.print(f"calibration already complete: {work / 'saliency.json'}")
+    return saliency
+
+
+def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: CalibrateOptions, method: str,
+          ratio: float, seed: int = 0, progress: bool = True) -> dict:
+    """calibrate -> plan -> rewrite -> verify; returns the verify report."""
+    from surgery.arch.model import MoEModel
+    from surgery.checkpoint.reader import Checkpoint
+    from surgery.jsonio import read_json, write_json_atomic
+    from surgery.plan import make_plan
+    from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
+
+    saliency = calibrate(model_dir, work, data, opts)
+    plan_path = work / f"plan-{method}-{ratio:g}.json"
+    with Checkpoint(model_dir) as ckpt:
+        model = MoEModel(ckpt)
+        if plan_path.exists():
+            plan = read_json(plan_path, "plan")
+        else:
+            plan = make_plan(saliency, model, method, ratio, seed=seed)
+            write_json_atomic(plan_path, plan)
+        kept = {len(v["keep"]) for v in plan["layers"].values()}
+        console.print(f"plan: {method} at ratio {ratio:g}: keep {sorted(kept)} of {model.num_experts} experts in "
+                      f"{len(plan['layers'])} MoE layers -> {plan_path}")
+    rewrite_checkpoint(model_dir, plan, out, progress=progress)
+    report = verify_checkpoint(out)
+    console.print(f"[green]pruned checkpoint verified:[/green] {out}")
+    return report
