@@ -25,6 +25,7 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
+from surgery.faults import checkpoint as crash_point
 from surgery.executor.progress import layer_progress
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.saliency.observer import SaliencyObserver
@@ -199,6 +200,7 @@ class Calibrator:
                                        f"(samples {s}..{s + m.shape[0] - 1})", self.model_dir)
                 HiddenCache.write_rows(z_out, s, y)
                 progress.advance(int(m.sum()))
+                crash_point(f"layer{layer}.batch{s // bs}")
         finally:
             if observer is not None:
                 observer.detach()
@@ -218,6 +220,7 @@ class Calibrator:
         if manifest is None:
             cache.write_tokens(inputs.input_ids, inputs.attention_mask, self.opts.batch_size)
             self._embed(cache, inputs.input_ids)
+            crash_point("embed")
             self._write_manifest(identity, 0)
             completed = 0
         else:
@@ -239,7 +242,9 @@ class Calibrator:
                 stats = self._run_layer(factory, cache, layer, mask, progress)
                 if stats is not None:
                     write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", stats, indent=None)
+                crash_point(f"layer{layer}.stats")
                 self._write_manifest(identity, layer + 1)
+                crash_point(f"layer{layer}.manifest")
                 if not self.opts.keep_hidden:
                     cache.delete_hidden(layer)
         saliency = {
