@@ -25,8 +25,9 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
-from surgery.faults import checkpoint as crash_point
 from surgery.executor.progress import layer_progress
+from surgery.executor.stream import LayerStream
+from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.saliency.observer import SaliencyObserver
 
@@ -75,16 +76,6 @@ def resolve_dtype(spec: str, device: torch.device, model: MoEModel) -> torch.dty
         return torch.float32
     declared = str(model.ckpt.config.get("dtype") or model.ckpt.config.get("torch_dtype") or "bfloat16")
     return names.get(declared, torch.bfloat16)
-
-
-def mask_builder(config, layer: int):
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    kind = (getattr(config, "layer_types", None) or ["full_attention"] * (layer + 1))[layer]
-    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-    if kind not in builders:
-        raise SurgeryError(f"layer {layer} has attention type {kind!r}, which the executor does not support")
-    return builders[kind]
 
 
 @dataclass
@@ -154,59 +145,6 @@ class Calibrator:
             "options": asdict(self.opts),
         })
 
-    # ---------------------------------------------------------------- stages
-    def _embed(self, cache: HiddenCache, ids: np.ndarray) -> None:
-        spec = self.model.spec
-        info = self.ckpt.info(spec.embed)
-        bs = self.opts.batch_size
-        z = cache.create_hidden(0, ids.shape[0], ids.shape[1], info.shape[1], self.dtype, bs)
-        for s in range(0, ids.shape[0], bs):
-            batch = ids[s:s + bs]
-            uniq, inverse = np.unique(batch, return_inverse=True)
-            rows = self.ckpt.read_rows(spec.embed, uniq.tolist())
-            table = torch.stack([rows[int(u)] for u in uniq]).to(self.dtype)
-            cache.write_rows(z, s, table[torch.from_numpy(inverse.reshape(batch.shape))])
-
-    @torch.no_grad()
-    def _run_layer(self, factory: LayerFactory, cache: HiddenCache, layer: int, mask: np.ndarray,
-                   progress) -> dict | None:
-        module = factory.load(layer)
-        module.eval()
-        block = factory.moe_block(module)
-        observer = SaliencyObserver(block, self.model.num_experts, self.opts.routing) if block is not None else None
-        z_in = cache.hidden(layer)
-        samples, length, hidden = z_in.shape
-        z_out = cache.create_hidden(layer + 1, samples, length, hidden, self.dtype, self.opts.batch_size)
-        build_mask = mask_builder(factory.config, layer)
-        bs = self.opts.batch_size
-        try:
-            for s in range(0, samples, bs):
-                m = torch.from_numpy(mask[s:s + bs].astype(np.int64))
-                real = m.sum(dim=0).nonzero()
-                t = int(real.max()) + 1 if real.numel() else 1
-                m = m[:, :t].to(self.device)
-                x = HiddenCache.read_rows(z_in, s, s + m.shape[0], t).to(self.device, self.dtype)
-                pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
-                attn = build_mask(config=factory.config, inputs_embeds=x, attention_mask=m,
-                                  past_key_values=None, position_ids=pos)
-                pe = factory.rotary(x, pos) if factory.rotary is not None else None
-                if observer is not None:
-                    observer.valid = m.reshape(-1).bool()
-                y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
-                           past_key_values=None, use_cache=False)
-                y = y[0] if isinstance(y, tuple) else y
-                if not torch.isfinite(y[m.bool()]).all():
-                    raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} "
-                                       f"(samples {s}..{s + m.shape[0] - 1})", self.model_dir)
-                HiddenCache.write_rows(z_out, s, y)
-                progress.advance(int(m.sum()))
-                crash_point(f"layer{layer}.batch{s // bs}")
-        finally:
-            if observer is not None:
-                observer.detach()
-            factory.unload(layer)
-        return observer.stats.result() if observer is not None else None
-
     # ---------------------------------------------------------------- run
     def run(self, inputs: CalibrationInputs) -> dict:
         identity = self._identity(inputs)
@@ -217,9 +155,10 @@ class Calibrator:
         self.stats_dir.mkdir(exist_ok=True)
         cache = HiddenCache(self.work / "cache.zarr")
         t0 = time.perf_counter()
+        stream = LayerStream(LayerFactory(self.model, self.dtype, self.device), cache, self.opts.batch_size)
         if manifest is None:
             cache.write_tokens(inputs.input_ids, inputs.attention_mask, self.opts.batch_size)
-            self._embed(cache, inputs.input_ids)
+            stream.embed(inputs.input_ids)
             crash_point("embed")
             self._write_manifest(identity, 0)
             completed = 0
@@ -232,16 +171,18 @@ class Calibrator:
         for stale in cache.hidden_layers():
             if stale > completed:
                 cache.delete_hidden(stale)  # a layer interrupted mid-write: recomputed below
-        factory = LayerFactory(self.model, self.dtype, self.device)
+        num_experts, routing = self.model.num_experts, self.opts.routing
         real_tokens = int(mask.sum())
         n_layers = self.model.num_layers
         with layer_progress(n_layers, real_tokens, enabled=self.opts.progress) as progress:
             progress.start_layers(completed)
             for layer in range(completed, n_layers):
                 progress.start_layer(layer)
-                stats = self._run_layer(factory, cache, layer, mask, progress)
-                if stats is not None:
-                    write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", stats, indent=None)
+                observer = stream.run_layer(layer, mask, progress.advance,
+                                            lambda block: SaliencyObserver(block, num_experts, routing))
+                if observer is not None:
+                    write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", observer.stats.result(),
+                                      indent=None)
                 crash_point(f"layer{layer}.stats")
                 self._write_manifest(identity, layer + 1)
                 crash_point(f"layer{layer}.manifest")
