@@ -63,7 +63,8 @@ class MoEModel:
         try:
             return AutoConfig.from_pretrained(self.ckpt.directory, trust_remote_code=False)
         except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-            raise SurgeryError(f"transformers cannot read this config: {exc}", self.ckpt.config_path) from None
+            detail = " ".join(str(exc).split())  # one line: some transformers messages span several
+            raise SurgeryError(f"transformers cannot read this config: {detail}", self.ckpt.config_path) from None
 
     # ---------------------------------------------------------------- layers
     def cfg_value(self, key: str | None, default=None):

@@ -114,6 +114,8 @@ def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
     except (UnicodeDecodeError, ValueError) as exc:
         raise SurgeryError(f"header does not parse: {exc}", path) from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SurgeryError("header does not parse: __metadata__ is not an object", path)
     data_start = 8 + header_len
     data_size = file_size - data_start
     shard = ShardHeader(name=name, path=path, file_size=file_size, data_start=data_start, raw=raw,
@@ -121,6 +123,8 @@ def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
     for tname, entry in header.items():
         try:
             dtype = entry["dtype"]
+            if not isinstance(dtype, str):
+                raise TypeError("dtype is not a string")
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -158,6 +162,8 @@ class Checkpoint:
         if self.config_path.is_file():
             try:
                 self.config = json.loads(self.config_path.read_text())
+                if not isinstance(self.config, dict):
+                    raise ValueError("not a JSON object")
             except (UnicodeDecodeError, ValueError) as exc:
                 raise SurgeryError(f"config.json does not parse: {exc}", self.config_path) from None
         self.index_path: Path | None = None
@@ -169,11 +175,12 @@ class Checkpoint:
 
     # ---------------------------------------------------------------- loading and validation
     def _resolve_shard(self, rel: str, source: Path) -> Path:
-        path = (self.directory / rel)
-        root = self.directory.resolve()
-        if os.path.isabs(rel) or not path.resolve().is_relative_to(root):
+        # Judge the name, not where symlinks lead: the Hugging Face cache's snapshot directories hold
+        # symlinks into ../../blobs, which are legitimate; `..` components and absolute names are not.
+        norm = os.path.normpath(rel)
+        if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep):
             raise SurgeryError(f"index entry {rel!r} points outside the model directory", source)
-        return path
+        return self.directory / norm
 
     def _load(self) -> None:
         index = self.directory / INDEX_NAME
@@ -185,6 +192,8 @@ class Checkpoint:
                 weight_map = data["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise ValueError("weight_map is not an object")
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError("weight_map values must be shard file names (strings)")
             except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
                 raise SurgeryError(f"index does not parse: {exc}", index) from None
             self.index_metadata = data.get("metadata") or {}
