@@ -1,0 +1,28 @@
+"""`surgery verify OUT`: the checkpoint's tensors and expert counts agree with its config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from surgery.cli import app
+from surgery.inspect import human_bytes
+from surgery.rewrite import verify_checkpoint
+
+
+@app.command("verify")
+def verify_cmd(
+    out: Path = typer.Argument(..., help="Checkpoint directory to check (e.g. a rewrite's OUT)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Headers only: every indexed tensor present with its dtype and shape, experts 0..n-1 in every MoE
+    layer, router rows and biases == n, no tensor of a dropped expert. Exit 2 with one line if not."""
+    info = verify_checkpoint(out)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"OK: {info['architecture']}, {info['num_experts']} experts ({info['experts_key']}) in each of "
+          f"{info['moe_layers']} MoE layers; {info['tensors']} tensors in {info['shards']} shards, "
+          f"{human_bytes(info['total_bytes'])}")

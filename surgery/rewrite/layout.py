@@ -1,0 +1,127 @@
+"""The output checkpoint, decided from the input headers and the plan before a byte is written.
+
+For every input shard, its tensors in file order become the output shard's tensors: a kept expert's
+tensors are renamed to its new index (every tensor under the expert's prefix follows it: weights,
+FP8 `weight_scale_inv`, any scales or zeros), a dropped expert's are left out, router tensors
+(weight [E, H] and biases [E]) keep the kept rows in the new order, and everything else is copied
+as is. Names, dtypes, shapes and therefore every offset are known here, which is what lets the
+writer put the header first and stream the data after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.reader import TensorInfo
+from surgery.checkpoint.writer import TensorEntry, file_size_for
+from surgery.errors import SurgeryError
+from surgery.inspect import layer_ranges
+from surgery.plan.core import kept_map
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """One output tensor and where its bytes come from: a byte copy (`rows is None`) or the listed
+    rows of the source's first dimension, in that order."""
+
+    entry: TensorEntry
+    source: TensorInfo
+    rows: tuple[int, ...] | None = None
+
+
+@dataclass
+class OutShard:
+    """One output file: same name as its input shard, tensors in the input's file order."""
+
+    name: str
+    metadata: dict[str, str]
+    tensors: list[OutTensor] = field(default_factory=list)
+
+    @property
+    def entries(self) -> list[TensorEntry]:
+        return [t.entry for t in self.tensors]
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(t.entry.nbytes for t in self.tensors)
+
+    @property
+    def file_size(self) -> int:
+        return file_size_for(self.entries, self.metadata)
+
+
+def _expert_name(model: MoEModel, layer: int, expert: int, rest: str) -> str:
+    prefix = model.spec.expert_key.split("{expert}")[0]
+    return f"{model.moe_prefix(layer)}{prefix}{expert}.{rest}"
+
+
+def _router_module_prefix(model: MoEModel, layer: int) -> str:
+    """`...gate.`: anything else stored under the router module is something we cannot prune."""
+    module = model.spec.router_weight.rpartition(".")[0]
+    return model.moe_prefix(layer) + module + "." if module else ""
+
+
+def check_supported(model: MoEModel) -> None:
+    """Refuse checkpoints the rewrite would get wrong, before writing anything."""
+    beyond = set(model.beyond_layers())
+    if beyond:
+        with_experts = sorted({r.layer for n in model.ckpt.tensors
+                               if (r := model.classify(n)).kind == "expert" and r.layer in beyond})
+        if with_experts:
+            raise SurgeryError(
+                f"layer(s) {layer_ranges(with_experts)} past num_hidden_layers (MTP modules) hold routed "
+                "experts; pruning them is not supported yet and leaving them would disagree with config.json",
+                model.ckpt.directory)
+    for layer in model.moe_layers:
+        if model.router_weight_name(layer) not in model.ckpt:
+            raise SurgeryError(f"MoE layer {layer} has no router weight {model.router_weight_name(layer)!r}",
+                               model.ckpt.directory)
+
+
+def plan_layout(model: MoEModel, plan: dict) -> list[OutShard]:
+    """The output shards (one per input shard, possibly empty) for a validated plan."""
+    check_supported(model)
+    ckpt, num_experts = model.ckpt, model.num_experts
+    keep = kept_map(plan)
+    moe = set(model.moe_layers)
+    router_prefixes = tuple(p for layer in sorted(moe) if (p := _router_module_prefix(model, layer)))
+    out: list[OutShard] = []
+    for shard_name in sorted(ckpt.shards):
+        shard = OutShard(shard_name, dict(ckpt.shards[shard_name].metadata))
+        for info in ckpt.shard_tensors(shard_name):
+            if ckpt.tensors.get(info.name) is not info:
+                continue  # present in the shard's header but not in the index: not part of the model
+            role = model.classify(info.name)
+            if role.kind == "expert":
+                if role.layer not in moe:
+                    raise SurgeryError(f"tensor {info.name!r} is an expert's but layer {role.layer} is not a "
+                                       "MoE layer by config.json", ckpt.directory)
+                if not 0 <= role.expert < num_experts:
+                    raise SurgeryError(f"tensor {info.name!r} names expert {role.expert} but config.json says "
+                                       f"{num_experts} experts", ckpt.directory)
+                if _expert_name(model, role.layer, role.expert, role.rest) != info.name:
+                    raise SurgeryError(f"cannot renumber tensor {info.name!r} (unexpected name form)",
+                                       ckpt.directory)
+                new = keep[role.layer].get(role.expert)
+                if new is None:
+                    continue
+                name = _expert_name(model, role.layer, new, role.rest)
+                shard.tensors.append(OutTensor(TensorEntry(name, info.dtype, info.shape), info))
+            elif role.kind == "router":
+                if role.layer not in moe:
+                    raise SurgeryError(f"router tensor {info.name!r} is in layer {role.layer}, which is not a "
+                                       "MoE layer by config.json", ckpt.directory)
+                if not info.shape or info.shape[0] != num_experts:
+                    raise SurgeryError(f"router tensor {info.name!r} has shape {list(info.shape)}; expected "
+                                       f"{num_experts} rows", ckpt.directory)
+                rows = tuple(sorted(keep[role.layer]))
+                shape = (len(rows), *info.shape[1:])
+                shard.tensors.append(OutTensor(TensorEntry(info.name, info.dtype, shape), info, rows))
+            else:
+                if router_prefixes and info.name.startswith(router_prefixes):
+                    raise SurgeryError(f"tensor {info.name!r} belongs to a router but the architecture table "
+                                       "does not say how to prune it (quantized router?)", ckpt.directory)
+                shard.tensors.append(OutTensor(TensorEntry(info.name, info.dtype, info.shape), info))
+        out.append(shard)
+    return out

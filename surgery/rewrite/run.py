@@ -1,0 +1,350 @@
+"""Apply a plan to a checkpoint on disk: stream shard by shard, tensor by tensor, into OUT.
+
+Memory stays bounded by one router tensor (the only tensors computed; everything else is a byte-range
+copy done by the kernel or in bounded chunks), whatever the checkpoint's size.
+
+Crash safety and resuming, in the order things happen:
+
+1. OUT must be empty, or hold an unfinished rewrite of the same plan (its progress manifest
+   `OUT/.surgery-rewrite.json` records the plan's hash), or a finished one (its `surgery.json`
+   records the plan's hash; nothing is done). Anything else is refused, as is OUT == MODEL or an OUT
+   inside MODEL. A lock file keeps two processes from writing the same OUT.
+2. Each shard is written to `<name>.partial`, fsynced and renamed; then the manifest (written
+   atomically) records its size and SHA-256. A rerun re-hashes every recorded shard and skips it only
+   if size and hash still match, so a shard lost or damaged after it was recorded is written again.
+3. The index, the copied non-weight files and `surgery.json` come next; `config.json` is written
+   last (temporary name, fsync, rename), so an interrupted OUT never looks like a complete model.
+   Then the manifest and lock are removed.
+
+Everything written depends only on the model and the plan (no timestamps), so an interrupted and
+resumed rewrite produces the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import surgery
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.reader import INDEX_NAME, SINGLE_NAME, Checkpoint
+from surgery.checkpoint.writer import PARTIAL_SUFFIX, SafetensorsWriter, fsync_dir, sha256_file
+from surgery.errors import SurgeryError
+from surgery.jsonio import read_json, write_json_atomic
+from surgery.plan.core import kept_map, normalized, plan_hash, validate_plan
+from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
+
+MANIFEST = ".surgery-rewrite.json"
+LOCK = ".surgery-rewrite.lock"
+PROVENANCE = "surgery.json"
+FORMAT = 1
+# Files that hold weights in some other format: copying them would ship the unpruned model again.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
+                   ".npz", ".distcp")
+WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
+OWN_FILES = {"config.json", INDEX_NAME, PROVENANCE, MANIFEST, LOCK}
+
+
+def _check_paths(model_dir: Path, out_dir: Path) -> None:
+    src, dst = model_dir.resolve(), out_dir.resolve()
+    if dst == src:
+        raise SurgeryError("--out is the model directory; the input is never written to", out_dir)
+    if dst.is_relative_to(src):
+        raise SurgeryError("--out is inside the model directory; the input is never written to", out_dir)
+    if src.is_relative_to(dst):
+        raise SurgeryError("the model directory is inside --out; choose an OUT that does not contain it",
+                           out_dir)
+    if dst.exists() and not dst.is_dir():
+        raise SurgeryError("--out exists and is not a directory", out_dir)
+
+
+def _ours_only(out_dir: Path) -> bool:
+    """True when OUT holds nothing, or only the lock / a temporary manifest of a run killed at once."""
+    allowed = {LOCK, f".{MANIFEST}.tmp"}
+    return all(p.name in allowed for p in out_dir.iterdir())
+
+
+@contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SurgeryError("another surgery rewrite is writing into this directory", out_dir) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _progress(enabled: bool, total: int):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        console=Console(stderr=True), transient=False, disable=not enabled)
+    task = progress.add_task("rewrite", total=total)
+    return progress, task
+
+
+def _shard_ok(path: Path, record: dict, expected_size: int) -> bool:
+    """A shard recorded as finished is reused only if it is still exactly what was written."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if size != record.get("size") or size != expected_size:
+        return False
+    return sha256_file(path) == record.get("sha256")
+
+
+def _router_rows(ckpt: Checkpoint, t: OutTensor) -> bytearray:
+    """The kept rows of a router tensor, in the new order, as raw bytes of the tensor's own dtype."""
+    data = ckpt.read_bytes(t.source)
+    row = t.source.nbytes // t.source.shape[0]
+    out = bytearray(row * len(t.rows))
+    for i, r in enumerate(t.rows):
+        out[i * row:(i + 1) * row] = data[r * row:(r + 1) * row]
+    return out
+
+
+def write_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) -> tuple[int, str]:
+    """Stream one output shard to `path`; returns (file size, sha256)."""
+    src_fd = os.open(ckpt.shards[shard.name].path, os.O_RDONLY)
+    try:
+        with SafetensorsWriter(path, shard.entries, shard.metadata, on_bytes=on_bytes) as w:
+            for t in shard.tensors:
+                if t.rows is None:
+                    w.copy(t.entry.name, src_fd, t.source.begin, t.source.nbytes)
+                else:
+                    w.write(t.entry.name, _router_rows(ckpt, t))
+    finally:
+        os.close(src_fd)
+    assert w.size is not None and w.sha256 is not None
+    return w.size, w.sha256
+
+
+def _extra_files(model_dir: Path, shard_names: set[str]) -> tuple[list[Path], list[Path]]:
+    """Non-weight files to copy (tokenizer, templates, generation config, remote code, docs ...) and
+    weight files in other formats that are left out, as paths relative to the model directory."""
+    copy, skipped = [], []
+    for root, dirs, files in os.walk(model_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel_root = Path(root).relative_to(model_dir)
+        for name in sorted(files):
+            rel = rel_root / name
+            rel_s = rel.as_posix()
+            if rel_s in shard_names or (rel_root == Path(".") and name in OWN_FILES):
+                continue
+            if name.endswith(PARTIAL_SUFFIX):
+                continue
+            if name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEXES):
+                skipped.append(rel)
+            else:
+                copy.append(rel)
+    return copy, skipped
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _write_text_durably(path: Path, text: str) -> None:
+    """Temporary name, fsync, rename, fsync the directory: the file appears whole or not at all."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def new_config(model: MoEModel, n_keep: int) -> dict:
+    """config.json with the expert count set to n_keep; every other key exactly as it was.
+
+    Besides the family's key, any other expert-count key of the family that the file also carries with
+    the old value is updated too, so no alias is left disagreeing with the checkpoint."""
+    cfg = json.loads(model.ckpt.config_path.read_text())
+    old = cfg.get(model.experts_key, model.num_experts)
+    cfg[model.experts_key] = n_keep
+    for key in model.spec.num_experts_keys:
+        if key != model.experts_key and key in cfg and cfg[key] == old:
+            cfg[key] = n_keep
+    return cfg
+
+
+def _index(ckpt: Checkpoint, shards: list[OutShard]) -> dict:
+    weight_map = {t.entry.name: s.name for s in shards for t in s.tensors}
+    metadata = dict(ckpt.index_metadata)
+    metadata["total_size"] = sum(s.data_bytes for s in shards)
+    if "total_parameters" in metadata:
+        metadata["total_parameters"] = sum(t.entry.nbytes // t.source.itemsize for s in shards for t in s.tensors)
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def provenance(model_dir: Path, model: MoEModel, plan: dict, phash: str, n_keep: int) -> dict:
+    """`OUT/surgery.json`: what was done to which model, by which version (config.json stays clean)."""
+    prov = {
+        "tool": "surgery",
+        "version": surgery.__version__,
+        "operation": "expert pruning",
+        "method": plan.get("method"),
+        "ratio": plan.get("ratio"),
+    }
+    if "seed" in plan:
+        prov["seed"] = plan["seed"]
+    prov.update({
+        "plan_sha256": phash,
+        "source": {**plan["source"], "path": str(model_dir.resolve())},
+        "num_experts": {"key": model.experts_key, "before": model.num_experts, "after": n_keep},
+        "moe_layers": model.moe_layers,
+        "plan": normalized(plan),
+    })
+    previous = model.ckpt.directory / PROVENANCE
+    if previous.is_file():
+        try:
+            prov["previous"] = json.loads(previous.read_text())
+        except ValueError:
+            pass
+    return prov
+
+
+def _state(out_dir: Path, phash: str) -> tuple[str, dict | None]:
+    """("fresh" | "resume" | "complete", manifest) or a refusal for an OUT that is someone else's."""
+    if not out_dir.exists() or _ours_only(out_dir):
+        return "fresh", None
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path, "rewrite progress manifest")
+        if manifest.get("plan_sha256") != phash or manifest.get("format") != FORMAT:
+            raise SurgeryError(
+                f"holds an unfinished rewrite of another plan (plan {str(manifest.get('plan_sha256'))[:12]}, "
+                f"this plan {phash[:12]}); choose another --out or delete it", out_dir)
+        return "resume", manifest
+    prov_path = out_dir / PROVENANCE
+    if prov_path.is_file() and (out_dir / "config.json").is_file():
+        prov = read_json(prov_path, "provenance")
+        if prov.get("plan_sha256") == phash:
+            return "complete", None
+        raise SurgeryError(f"holds a finished rewrite of another plan (plan {str(prov.get('plan_sha256'))[:12]}, "
+                           f"this plan {phash[:12]}); choose another --out or delete it", out_dir)
+    raise SurgeryError("--out is not empty and holds no resumable rewrite of this plan; choose an empty "
+                       "or new directory", out_dir)
+
+
+def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, progress: bool = True) -> dict:
+    """Write the pruned checkpoint to `out_dir`; resumable. Returns a summary (bytes written, seconds,
+    shards written / reused / dropped, tensors, expert counts, copied and skipped files)."""
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    _check_paths(model_dir, out_dir)
+    with Checkpoint(model_dir) as ckpt:
+        model = MoEModel(ckpt)
+        validate_plan(plan, model)
+        layout = plan_layout(model, plan)
+        phash = plan_hash(plan)
+        n_keep = len(next(iter(kept_map(plan).values()))) if plan["layers"] else model.num_experts
+        written = [s for s in layout if s.tensors]
+        summary = {
+            "out": str(out_dir),
+            "shards": len(written),
+            "shards_written": 0,
+            "shards_reused": 0,
+            "shards_dropped": [s.name for s in layout if not s.tensors],
+            "tensors": sum(len(s.tensors) for s in layout),
+            "bytes_written": 0,
+            "output_bytes": sum(s.file_size for s in written),
+            "input_bytes": sum(sh.file_size for sh in ckpt.shards.values()),
+            "num_experts": {"before": model.num_experts, "after": n_keep},
+            "copied_files": [],
+            "skipped_files": [],
+            "already_complete": False,
+        }
+        state, manifest = _state(out_dir, phash)
+        if state == "complete":
+            for s in written:
+                p = out_dir / s.name
+                if not p.is_file() or p.stat().st_size != s.file_size:
+                    raise SurgeryError(f"a finished rewrite of this plan whose shard {s.name} is missing or has "
+                                       "the wrong size; delete OUT and run again", out_dir)
+            summary["already_complete"] = True
+            summary["seconds"] = time.perf_counter() - t0
+            return summary
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(out_dir):
+            if manifest is None:
+                manifest = {"format": FORMAT, "tool_version": surgery.__version__, "plan_sha256": phash,
+                            "source_sha256": plan["source"]["sha256"], "model_path": str(model_dir.resolve()),
+                            "shards": {}}
+                write_json_atomic(out_dir / MANIFEST, manifest)
+            _write_shards(ckpt, written, out_dir, manifest, summary, progress)
+            if ckpt.index_path is not None:
+                write_json_atomic(out_dir / INDEX_NAME, _index(ckpt, written), indent=2)
+            elif [s.name for s in written] != [SINGLE_NAME]:
+                raise SurgeryError("internal error: single-file checkpoint produced other shards", out_dir)
+            copy, skipped = _extra_files(model_dir, set(ckpt.shards))
+            for rel in copy:
+                _copy_file(model_dir / rel, out_dir / rel)
+            summary["copied_files"] = [p.as_posix() for p in copy]
+            summary["skipped_files"] = [p.as_posix() for p in skipped]
+            write_json_atomic(out_dir / PROVENANCE, provenance(model_dir, model, plan, phash, n_keep), indent=2)
+            _write_text_durably(out_dir / "config.json", json.dumps(new_config(model, n_keep), indent=2) + "\n")
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+            (out_dir / LOCK).unlink(missing_ok=True)
+            fsync_dir(out_dir)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manifest: dict, summary: dict,
+                  progress: bool) -> None:
+    """Write every shard not already finished (and still intact), recording each in the manifest."""
+    done = manifest.setdefault("shards", {})
+    todo_bytes = 0
+    reuse: set[str] = set()
+    for s in shards:
+        rec = done.get(s.name)
+        if rec is not None and _shard_ok(out_dir / s.name, rec, s.file_size):
+            reuse.add(s.name)
+        else:
+            done.pop(s.name, None)
+            todo_bytes += s.file_size
+    free = shutil.disk_usage(out_dir).free
+    if todo_bytes > free:
+        raise SurgeryError(f"not enough free space: the rewrite needs {todo_bytes / 1e9:.2f} GB more, "
+                           f"{free / 1e9:.2f} GB are free", out_dir)
+    bar, task = _progress(progress, sum(s.data_bytes for s in shards))
+    with bar:
+        for s in shards:
+            path = out_dir / s.name
+            if s.name in reuse:
+                summary["shards_reused"] += 1
+                bar.advance(task, s.data_bytes)
+                continue
+            bar.update(task, description=s.name)
+            size, digest = write_shard(ckpt, s, path, on_bytes=lambda n: bar.advance(task, n))
+            done[s.name] = {"size": size, "sha256": digest}
+            write_json_atomic(out_dir / MANIFEST, manifest)
+            summary["shards_written"] += 1
+            summary["bytes_written"] += size
+        bar.update(task, description="rewrite")
+
