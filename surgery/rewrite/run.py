@@ -255,7 +255,8 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
     """Write the pruned checkpoint to `out_dir`; resumable. Returns a summary (bytes written, seconds,
     shards written / reused / dropped, tensors, expert counts, copied and skipped files)."""
     t0 = time.perf_counter()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    # absolute and normalized ("a/missing/../out" is "a/out"), so the state checks see the real OUT
+    model_dir, out_dir = Path(model_dir), Path(os.path.abspath(out_dir))
     _check_paths(model_dir, out_dir)
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
