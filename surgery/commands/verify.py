@@ -26,3 +26,5 @@ def verify_cmd(
     print(f"OK: {info['architecture']}, {info['num_experts']} experts ({info['experts_key']}) in each of "
           f"{info['moe_layers']} MoE layers; {info['tensors']} tensors in {info['shards']} shards, "
           f"{human_bytes(info['total_bytes'])}")
+    for warning in info["warnings"]:
+        print(f"warning: {warning}")

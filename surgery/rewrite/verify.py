@@ -1,10 +1,12 @@
 """Check a (pruned) checkpoint's structure against its own config.json, from headers alone.
 
 What a loader would otherwise discover late or silently: every tensor the index names exists in its
-shard with the header's dtype and shape (the reader checks this while opening), the index's
-`total_size` is the sum of tensor bytes, and in every MoE layer the experts are exactly 0..n-1 with
+shard with the header's dtype and shape (the reader checks this while opening), and in every MoE layer the experts are exactly 0..n-1 with
 n the config's count, each with the same tensors and shapes, the router has n rows and each router
 bias n entries, and no tensor of an expert numbered n or more remains anywhere.
+
+A `total_size` in the index that disagrees with the tensors is reported as a warning only: published
+checkpoints often carry a stale one and every loader ignores it (the rewrite writes an exact one).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ def verify_checkpoint(out_dir: str | Path) -> dict:
         model = MoEModel(ckpt)
         n = model.num_experts
         where = ckpt.index_path or out_dir
+        warnings: list[str] = []
         total = ckpt.index_metadata.get("total_size")
-        if total is not None and int(total) != ckpt.total_bytes:
-            _fail(f"index metadata.total_size is {total} but the tensors hold {ckpt.total_bytes} bytes", where)
+        if total is not None and str(total) != str(ckpt.total_bytes):
+            # hub checkpoints are often off here and load fine (loaders ignore it): a warning, not a failure
+            warnings.append(f"index metadata.total_size is {total} but the tensors hold {ckpt.total_bytes} bytes")
         moe = set(model.moe_layers)
         experts: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))
         for name, info in ckpt.tensors.items():
@@ -72,4 +76,5 @@ def verify_checkpoint(out_dir: str | Path) -> dict:
             "tensors": len(ckpt.tensors),
             "shards": len(ckpt.shards),
             "total_bytes": ckpt.total_bytes,
+            "warnings": warnings,
         }
