@@ -1,9 +1,10 @@
 """Check a (pruned) checkpoint's structure against its own config.json, from headers alone.
 
 What a loader would otherwise discover late or silently: every tensor the index names exists in its
-shard with the header's dtype and shape (the reader checks this while opening), and in every MoE layer the experts are exactly 0..n-1 with
-n the config's count, each with the same tensors and shapes, the router has n rows and each router
-bias n entries, and no tensor of an expert numbered n or more remains anywhere.
+shard with the header's dtype and shape (the reader checks this while opening), and in every MoE
+layer the experts are exactly 0..n-1 with n the config's count, each with the same tensors and
+shapes, the router has n rows and each router bias n entries, and no tensor of an expert numbered n
+or more remains anywhere.
 
 A `total_size` in the index that disagrees with the tensors is reported as a warning only: published
 checkpoints often carry a stale one and every loader ignores it (the rewrite writes an exact one).
