@@ -23,7 +23,7 @@ def preview_cmd(
     model: str = typer.Option(None, "--model", help="Checkpoint directory whose tokenizer and chat template to use "
                               "(without it: UTF-8 bytes and a generic ChatML template)."),
     recipe: str = typer.Option(None, "--recipe", help="Preview a recipe's datasets (file or shipped name)."),
-    samples: int = typer.Option(8, "--samples", help="Documents (or packed rows) per spec."),
+    samples: int = typer.Option(None, "--samples", help="Documents (or packed rows) per spec [recipe's, else 8]."),
     max_length: int = typer.Option(None, "--max-length", help="Tokens per row [recipe's, else 512]."),
     seed: int = typer.Option(None, "--seed", help="Sampling seed [recipe's, else 42]."),
     pack: bool = typer.Option(None, "--pack/--no-pack", help="Reference REAP packing [recipe's, else off]."),
@@ -33,12 +33,12 @@ def preview_cmd(
     """Show how the first samples render and tokenise, and the per-category statistics; runs no model."""
     console = Console(highlight=False)
     specs = list(specs or [])
-    settings = {"max_length": 512, "seed": 42, "pack": False}
+    settings = {"samples": 8, "max_length": 512, "seed": 42, "pack": False}
     if recipe:
         r = load_recipe(recipe)
         specs = specs or r.datasets
-        settings = {"max_length": r.max_length, "seed": r.seed, "pack": r.pack}
-    for key, value in (("max_length", max_length), ("seed", seed), ("pack", pack)):
+        settings = {"samples": r.samples, "max_length": r.max_length, "seed": r.seed, "pack": r.pack}
+    for key, value in (("samples", samples), ("max_length", max_length), ("seed", seed), ("pack", pack)):
         if value is not None:
             settings[key] = value
     sources = open_sources(specs)  # before the tokenizer: a missing dataset fails at once
@@ -47,7 +47,7 @@ def preview_cmd(
     else:
         tokenizer = byte_tokenizer()
         console.print("no --model: tokens are UTF-8 bytes and chats use a generic ChatML template", style="yellow")
-    categories = collect(sources, tokenizer, samples=samples, keep_examples=max(0, show), **settings)
+    categories = collect(sources, tokenizer, keep_examples=max(0, show), **settings)
     if not specs:
         console.print(DEFAULT_NOTE, style="yellow")
     for cat in categories:

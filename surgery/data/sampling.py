@@ -38,6 +38,7 @@ class CategoryStats:
     truncated: int
     skipped: int
     requested: int
+    rows: int = 0  # rows of the CalibrationSet that hold this spec (consecutive, in spec order)
 
 
 @dataclass
@@ -118,6 +119,7 @@ def _one_per_row(docs: Iterator[Example], stats: CategoryStats, *, requested: in
             examples.append(doc)
         if len(rows) >= requested:
             break
+    stats.rows = len(rows)
     return Category(stats, rows, masks, h.hexdigest(), examples)
 
 
@@ -146,6 +148,7 @@ def _pack(docs: Iterator[Example], stats: CategoryStats, *, requested: int, max_
     if pos > 0 and len(rows) < requested:  # the data ran out: keep the partly filled row
         rows.append(row)
         masks.append(mask)
+    stats.rows = len(rows)
     h = hashlib.sha256(f"surgery-calibration-v1|packed|{max_length}".encode())
     for r, m in zip(rows, masks, strict=True):
         h.update(r.tobytes() + m.tobytes())

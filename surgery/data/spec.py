@@ -124,9 +124,7 @@ def parse_spec(text: str, base: Path | None = None) -> DatasetSpec:
     if whole is not None:
         source = whole
     else:
-        source, fields = _split_head(head, raw)
-        if source != BUILTIN:
-            source = _existing(source, base) or source
+        source, fields = _split_head(head, raw, base)
     for key in ("split", "config"):
         if key in options:
             fields[key] = options.pop(key)
@@ -194,19 +192,23 @@ def download_hint(repo_id: str) -> str:
 
 
 def _load_hub(spec: DatasetSpec) -> Dataset:
+    """`load_dataset` first (the datasets cache, then the hub unless offline); if the dataset cannot be
+    reached, the snapshot `huggingface-cli download` left in the hub cache; else a one-line error."""
     import datasets
 
     split = spec.split or "train"
-    if not is_offline():
+    try:
         return datasets.load_dataset(spec.source, name=spec.config, split=split)
-    try:  # a dataset `load_dataset` prepared before (the datasets cache)
-        return datasets.load_dataset(spec.source, name=spec.config, split=split)
-    except Exception:  # noqa: BLE001 - fall through to the hub cache, then to the message below
-        pass
+    except OSError as exc:  # unreachable or not found (ConnectionError, FileNotFoundError, hub HTTP errors)
+        failure: OSError = exc
     snapshot = _hub_snapshot(spec.source)
-    if snapshot is None:
+    if snapshot is not None:
+        return datasets.load_dataset(str(snapshot), name=spec.config, split=split)
+    if is_offline():
         raise MissingDatasetError(spec.source, spec.text)
-    return datasets.load_dataset(str(snapshot), name=spec.config, split=split)
+    raise SurgeryError(f"cannot load from the hub ({first_line(failure)}); fetch it with "
+                       f"`{download_hint(spec.source)}` (gated datasets: accept the terms on the hub and "
+                       "`huggingface-cli login` first)", spec.text)
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
@@ -242,12 +244,20 @@ def _existing(source: str, base: Path | None) -> str | None:
     return source if path.exists() else None
 
 
-def _split_head(head: str, raw: str) -> tuple[str, dict[str, str | None]]:
-    """SOURCE, then `:SPLIT` and `@CONFIG` in either order (a split may hold `:` for slicing)."""
-    cut = min((i for i in (head.find(":"), head.find("@")) if i >= 0), default=len(head))
+def _split_head(head: str, raw: str, base: Path | None) -> tuple[str, dict[str, str | None]]:
+    """SOURCE, then `:SPLIT` and `@CONFIG` in either order (a split may hold `:` for slicing). SOURCE ends
+    at the first `:`/`@`, or at a later one if what comes before it is an existing path."""
+    cuts = [i for i, c in enumerate(head) if c in ":@"]
+    cut = cuts[0] if cuts else len(head)
+    for i in reversed(cuts):
+        if _existing(head[:i], base) is not None:
+            cut = i
+            break
     source, rest = head[:cut], head[cut:]
     if not source:
         raise SurgeryError("no dataset before ':' or '@'", raw)
+    if source != BUILTIN:
+        source = _existing(source, base) or source
     fields: dict[str, str | None] = {"split": None, "config": None}
     while rest:
         key, stop = ("split", "@") if rest[0] == ":" else ("config", ":")
