@@ -14,7 +14,11 @@
     format = "alpaca"                            # optional; detected from the columns otherwise
     name = "code"                                # optional category name
 
-`load_recipe` also accepts the name of a recipe shipped in surgery/recipes (e.g. "reap-code-tools-agentic").
+`load_recipe` also accepts the name of a recipe shipped in surgery/recipes. The shipped
+"reap-code-tools-agentic" is the REAP paper's mix (evol-codealpaca-v1 700, xlam-function-calling-60k 330,
+SWE-smith-trajectories 330); it needs those three datasets in the local Hugging Face cache, or network
+access. Offline, a missing one fails at once with the `huggingface-cli download --repo-type dataset NAME`
+to run (see docs/data.md).
 """
 
 from __future__ import annotations
