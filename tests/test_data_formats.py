@@ -200,3 +200,30 @@ def test_shared_fixture_template_drops_tools_and_we_keep_them(shared_fixtures):
     assert ChatRenderer(tok).capabilities.tool_calls is False
     text = render(rows("xlam.jsonl"), tok, 1)
     assert '"name": "is_prime"' in text and '{"name": "factorial", "arguments": {"n": 6}}' in text
+
+
+# Offers tools and renders one tool call per turn, but refuses two calls in a turn and roles that do not
+# alternate (as Llama-3.1-style and Mistral-style templates do).
+SINGLE_CALL_TEMPLATE = (
+    "{% if tools %}[tools] {{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if not loop.first and m.role == messages[loop.index0 - 1].role %}{{ raise_exception('alternate') }}{% endif %}"
+    "{% if m.tool_calls %}{% if m.tool_calls | length != 1 %}{{ raise_exception('one call per turn') }}{% endif %}"
+    "[{{ m.role }}] call {{ m.tool_calls[0].function.name }} {{ m.tool_calls[0].function.arguments | tojson }}\n"
+    "{% else %}[{{ m.role }}] {{ m.content }}\n{% endif %}{% endfor %}")
+
+
+def test_rows_a_template_refuses_are_rendered_as_text_not_skipped():
+    tok = tiny_tokenizer(SINGLE_CALL_TEMPLATE)
+    assert ChatRenderer(tok).capabilities == Capabilities()
+    src = rows("xlam.jsonl")
+    assert render(src, tok, 3) == (  # one call: the template's own rendering
+        "[tools] is_prime\n[user] Check whether 1001 is prime.\n[assistant] call is_prime {\"num\": 1001}\n")
+    assert render(src, tok, 1) == (  # two calls: refused, so all of it as text
+        f"[system] {TOOLS_TEXT.format(PRIME + chr(10) + FACTORIAL)}\n"
+        "[user] Is 97 a prime number, and what is 6 factorial?\n"
+        '[assistant] <tool_call>\n{"name": "is_prime", "arguments": {"num": 97}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "factorial", "arguments": {"n": 6}}\n</tool_call>\n')
+    conv = Conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                         {"role": "assistant", "content": "c"}])
+    assert ChatRenderer(tok).render(conv) == "[user] a\n\nb\n[assistant] c\n"

@@ -23,10 +23,11 @@ def preview_cmd(
     model: str = typer.Option(None, "--model", help="Checkpoint directory whose tokenizer and chat template to use "
                               "(without it: UTF-8 bytes and a generic ChatML template)."),
     recipe: str = typer.Option(None, "--recipe", help="Preview a recipe's datasets (file or shipped name)."),
-    samples: int = typer.Option(None, "--samples", help="Documents (or packed rows) per spec [recipe's, else 8]."),
-    max_length: int = typer.Option(None, "--max-length", help="Tokens per row [recipe's, else 512]."),
-    seed: int = typer.Option(None, "--seed", help="Sampling seed [recipe's, else 42]."),
-    pack: bool = typer.Option(None, "--pack/--no-pack", help="Reference REAP packing [recipe's, else off]."),
+    samples: int = typer.Option(None, "--samples",
+                                help="Documents (packed: rows) per spec (default: the recipe's, else 8)."),
+    max_length: int = typer.Option(None, "--max-length", help="Tokens per row (default: the recipe's, else 512)."),
+    seed: int = typer.Option(None, "--seed", help="Sampling seed (default: the recipe's, else 42)."),
+    pack: bool = typer.Option(None, "--pack/--no-pack", help="Reference REAP packing (default: recipe's, else off)."),
     show: int = typer.Option(2, "--show", help="Rendered documents to print per spec."),
     chars: int = typer.Option(1200, "--chars", help="Characters of each rendered document to print."),
 ) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from surgery.data.formats import Conversation
@@ -57,8 +57,18 @@ class ChatRenderer:
         return self._caps
 
     def render(self, conv: Conversation) -> str:
+        """The template's render; if the template refuses this conversation (e.g. two tool calls in one
+        turn, or roles that do not alternate), everything is rendered as text instead and consecutive
+        turns of one role are merged, so that the row is kept rather than skipped."""
         messages, tools = adapt(conv, self.capabilities)
-        return self._apply(messages, tools)
+        try:
+            return self._apply(messages, tools)
+        except Exception:  # noqa: BLE001 - templates raise whatever they like (often TemplateError)
+            caps = self.capabilities
+            if caps == replace(caps, tools=False, tool_calls=False, tool_role=False):
+                raise
+        messages, _ = adapt(conv, replace(self.capabilities, tools=False, tool_calls=False, tool_role=False))
+        return self._apply(merge_turns(messages), None)
 
     def _apply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
@@ -116,6 +126,17 @@ def render_plain(conv: Conversation) -> str:
     """A conversation as a plain transcript, for a tokenizer without a chat template (builtin corpus)."""
     messages, _ = adapt(conv, PLAIN)
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def merge_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive messages of one role as one message (templates that demand alternating roles)."""
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        if out and out[-1]["role"] == m["role"]:
+            out[-1] = {**out[-1], "content": f"{out[-1]['content']}\n\n{m['content']}"}
+        else:
+            out.append(dict(m))
+    return out
 
 
 def tools_text(tools: list[dict[str, Any]]) -> str:
