@@ -11,7 +11,6 @@ message, tool results as a user message, a system message folded into the first 
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, replace
 from typing import Any
@@ -100,7 +99,7 @@ def probe(apply) -> Capabilities:
 
 def adapt(conv: Conversation, caps: Capabilities) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """Rewrite what the template would drop as text it keeps; returns (messages, tools to pass)."""
-    messages = copy.deepcopy(conv.messages)
+    messages = [dict(m) for m in conv.messages]  # only top-level keys change; no deep copy of long trajectories
     tools = conv.tools or None
     for m in messages:
         if m.get("tool_calls") and not caps.tool_calls:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from surgery.errors import SurgeryError
@@ -40,7 +40,7 @@ class Conversation:
     """Messages in the OpenAI/transformers form, plus the tool schemas offered to the assistant."""
 
     messages: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = field(default=None)
+    tools: list[dict[str, Any]] | None = None
 
 
 def normalize_format(name: str, spec: str = "") -> str:
