@@ -172,7 +172,7 @@ class SafetensorsWriter:
         with SafetensorsWriter(path, entries, metadata) as w:
             for e in entries:
                 w.copy(e.name, src_fd, offset)      # or w.write(e.name, data), in pieces if wanted
-        w.size, w.sha256                            # set once the file is renamed into place
+        w.size, w.sha256                            # set by finish(); close() = finish() + commit()
 
     The writer checks that every tensor receives exactly its declared bytes in the declared order;
     leaving the `with` block early (an exception) removes the partial file and leaves no final file.
@@ -223,7 +223,14 @@ class SafetensorsWriter:
         self._skip_empty()
 
     def close(self) -> None:
-        """Check completeness, fsync, rename `.partial` to the final name; sets size and sha256."""
+        """`finish` then `commit`: the file is complete, durable and under its final name."""
+        self.finish()
+        self.commit()
+
+    def finish(self) -> None:
+        """Check that every byte was written and wait for the hash; sets size and sha256.
+
+        Split from `commit` so a caller can start the next file while this one is being fsynced."""
         if self._i < len(self.entries):
             name = self.entries[self._i].name
             self.abort()
@@ -235,6 +242,16 @@ class SafetensorsWriter:
             if self._pos != self.expected_size:
                 raise SurgeryError(f"internal error: wrote {self._pos} bytes, expected {self.expected_size}",
                                    self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self.size, self.sha256 = self._pos, digest
+
+    def commit(self) -> None:
+        """fsync, then rename `.partial` to the final name (and fsync the directory): only now does a
+        file with the final name exist, and it is whole. Safe to run on another thread."""
+        assert self.sha256 is not None and self._fd is not None, "finish() first"
+        try:
             if self._fsync:
                 os.fsync(self._fd)
         except BaseException:
@@ -245,7 +262,6 @@ class SafetensorsWriter:
         os.replace(self.partial, self.path)
         if self._fsync:
             fsync_dir(self.path.parent)
-        self.size, self.sha256 = self._pos, digest
 
     def abort(self) -> None:
         """Drop the partial file (used on errors; a killed process leaves it for the next run)."""
@@ -261,6 +277,8 @@ class SafetensorsWriter:
     def write(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Append bytes of tensor `name` (the whole tensor or the next piece of it)."""
         view = memoryview(data).cast("B")
+        if not len(view):
+            return  # nothing to write (zero-size tensors are stepped over automatically)
         self._check(name, len(view))
         self._emit(view)
         self._advance(len(view))
@@ -268,6 +286,8 @@ class SafetensorsWriter:
     def copy(self, name: str, src_fd: int, offset: int, length: int | None = None) -> None:
         """Append `length` bytes (default: all of tensor `name`) read from `src_fd` at `offset`."""
         length = self._left if length is None else length
+        if not length:
+            return
         self._check(name, length)
         done = 0
         while done < length:

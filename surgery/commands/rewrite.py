@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -20,10 +21,13 @@ def rewrite_cmd(
     plan: Path = typer.Argument(..., help="Plan file from `surgery plan` (possibly edited)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory: new, empty, or an interrupted run."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (stderr)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object on stdout."),
 ) -> None:
     """Stream MODEL shard by shard into OUT, keeping the plan's experts. Run again to resume."""
     console = Console(stderr=True, soft_wrap=True)
     summary = rewrite_checkpoint(resolve_model(model), load_plan(plan), out, progress=progress)
+    if as_json:
+        print(json.dumps(summary))
     if summary["already_complete"]:
         console.print(f"already complete: {out} (nothing to do)")
         return

@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -123,18 +124,31 @@ def _router_rows(ckpt: Checkpoint, t: OutTensor) -> bytearray:
     return out
 
 
-def write_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) -> tuple[int, str]:
-    """Stream one output shard to `path`; returns (file size, sha256)."""
+def stream_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) -> SafetensorsWriter:
+    """Write every byte of one output shard to `path.partial` and hash it; the returned writer still
+    has to `commit()` (fsync + rename), which the caller may overlap with the next shard."""
     src_fd = os.open(ckpt.shards[shard.name].path, os.O_RDONLY)
+    w = SafetensorsWriter(path, shard.entries, shard.metadata, on_bytes=on_bytes)
     try:
-        with SafetensorsWriter(path, shard.entries, shard.metadata, on_bytes=on_bytes) as w:
-            for t in shard.tensors:
-                if t.rows is None:
-                    w.copy(t.entry.name, src_fd, t.source.begin, t.source.nbytes)
-                else:
-                    w.write(t.entry.name, _router_rows(ckpt, t))
+        w.open()
+        for t in shard.tensors:
+            if t.rows is None:
+                w.copy(t.entry.name, src_fd, t.source.begin, t.source.nbytes)
+            else:
+                w.write(t.entry.name, _router_rows(ckpt, t))
+        w.finish()
+    except BaseException:
+        w.abort()
+        raise
     finally:
         os.close(src_fd)
+    return w
+
+
+def write_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) -> tuple[int, str]:
+    """Stream one output shard to `path` (complete, durable, renamed); returns (file size, sha256)."""
+    w = stream_shard(ckpt, shard, path, on_bytes)
+    w.commit()
     assert w.size is not None and w.sha256 is not None
     return w.size, w.sha256
 
@@ -334,18 +348,30 @@ def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manif
         raise SurgeryError(f"not enough free space: the rewrite needs {todo_bytes / 1e9:.2f} GB more, "
                            f"{free / 1e9:.2f} GB are free", out_dir)
     bar, task = _progress(progress, sum(s.data_bytes for s in shards))
-    with bar:
+    # Shard k is fsynced and renamed on a second thread while shard k+1 is written (fsync runs at disk
+    # speed, so overlapping it matters); it enters the manifest only once its rename is done.
+    pending: list[tuple[Future, OutShard, SafetensorsWriter]] = []
+
+    def settle() -> None:
+        fut, s, w = pending.pop()
+        fut.result()
+        done[s.name] = {"size": w.size, "sha256": w.sha256}
+        write_json_atomic(out_dir / MANIFEST, manifest)
+        summary["shards_written"] += 1
+        summary["bytes_written"] += w.size
+
+    with bar, ThreadPoolExecutor(1, thread_name_prefix="surgery-commit") as finisher:
         for s in shards:
-            path = out_dir / s.name
             if s.name in reuse:
                 summary["shards_reused"] += 1
                 bar.advance(task, s.data_bytes)
                 continue
             bar.update(task, description=s.name)
-            size, digest = write_shard(ckpt, s, path, on_bytes=lambda n: bar.advance(task, n))
-            done[s.name] = {"size": size, "sha256": digest}
-            write_json_atomic(out_dir / MANIFEST, manifest)
-            summary["shards_written"] += 1
-            summary["bytes_written"] += size
+            w = stream_shard(ckpt, s, out_dir / s.name, on_bytes=lambda n: bar.advance(task, n))
+            fut = finisher.submit(w.commit)
+            if pending:
+                settle()
+            pending.append((fut, s, w))
+        if pending:
+            settle()
         bar.update(task, description="rewrite")
-
