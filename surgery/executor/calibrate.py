@@ -132,7 +132,8 @@ class Calibrator:
                                + " (use another --work directory)", self.work)
         return manifest
 
-    def _write_manifest(self, identity: dict, completed: int, complete: bool = False) -> None:
+    def _write_manifest(self, identity: dict, completed: int | None, complete: bool = False) -> None:
+        """`completed`: layers whose outputs and statistics are on disk; None while embedding."""
         write_json_atomic(self.manifest_path, {
             "tool": f"surgery {surgery.__version__}",
             "command": "calibrate",
@@ -156,7 +157,9 @@ class Calibrator:
         cache = HiddenCache(self.work / "cache.zarr")
         t0 = time.perf_counter()
         stream = LayerStream(LayerFactory(self.model, self.dtype, self.device), cache, self.opts.batch_size)
-        if manifest is None:
+        if manifest is None or manifest["completed_layers"] is None:
+            # the manifest exists before the cache does, so a run killed while embedding is ours to redo
+            self._write_manifest(identity, None)
             cache.write_tokens(inputs.input_ids, inputs.attention_mask, self.opts.batch_size)
             stream.embed(inputs.input_ids)
             crash_point("embed")
