@@ -280,3 +280,88 @@ def test_refuses_experts_in_layers_past_num_hidden_layers(tiny_checkpoint, tmp_p
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(SurgeryError, match="MTP"):
         rewrite_checkpoint(src, random_plan(src), tmp_path / "out", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def test_single_file_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from surgery.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "single", "qwen2_moe", max_shard_size="100MB")
+    assert (src / "model.safetensors").exists() and not (src / "model.safetensors.index.json").exists()
+    plan = random_plan(src)
+    out = tmp_path / "out"
+    rewrite_checkpoint(src, plan, out, progress=False)
+    assert (out / "model.safetensors").exists() and not (out / "model.safetensors.index.json").exists()
+    verify_checkpoint(out)
+    check_bytes(src, out, plan)
+    _, loading = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+
+
+def one_shard_per_expert(src: Path, dst: Path) -> Path:
+    """Re-shard a checkpoint so every (layer, expert) has a shard of its own."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in src.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in tensors.items():
+        parts = name.split(".experts.")
+        key = f"{parts[0].split('.')[2]}-{parts[1].split('.')[0]}" if len(parts) == 2 else "rest"
+        groups.setdefault(f"model-{key}.safetensors", {})[name] = t
+    weight_map = {}
+    for shard, group in groups.items():
+        save_file(group, dst / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, shard))
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(src / "config.json", dst / "config.json")
+    return dst
+
+
+def test_shards_left_empty_are_not_written(tiny_checkpoint, tmp_path):
+    """The shards of dropped experts end up empty: they are left out of OUT and of the index, and the
+    output still loads."""
+    from transformers import AutoModelForCausalLM
+
+    src = one_shard_per_expert(tiny_checkpoint("mixtral"), tmp_path / "per-expert")
+    plan = random_plan(src)
+    out = tmp_path / "out"
+    summary = rewrite_checkpoint(src, plan, out, progress=False)
+    dropped = summary["shards_dropped"]
+    assert len(dropped) == 3 * 4 and summary["shards"] + len(dropped) == len(list(src.glob("*.safetensors")))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert not set(dropped) & set(index["weight_map"].values())
+    assert not any((out / name).exists() for name in dropped)
+    verify_checkpoint(out)
+    check_bytes(src, out, plan)
+    _, loading = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"]
+
+
+def test_non_weight_files(tiny_checkpoint, tmp_path):
+    """Tokenizer, templates, remote code and sub-folders are copied unchanged; weights in other formats
+    (which would be the unpruned model) and hidden folders are not."""
+    src = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("olmoe"), src)
+    files = {"tokenizer.json": b'{"x": 1}', "chat_template.jinja": b"{{ messages }}", "modeling_custom.py": b"# code",
+             "README.md": b"# card", "assets/vocab.txt": b"a\nb", ".gitattributes": b"*.safetensors lfs"}
+    for rel, data in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(data)
+    for rel in ("pytorch_model.bin", "consolidated.safetensors", "pytorch_model.bin.index.json", ".cache/x.lock",
+                "original/consolidated.00.pth"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(b"weights")
+    out = tmp_path / "out"
+    summary = rewrite_checkpoint(src, random_plan(src), out, progress=False)
+    for rel, data in files.items():
+        assert (out / rel).read_bytes() == data, rel
+    assert (out / "generation_config.json").read_bytes() == (src / "generation_config.json").read_bytes()
+    assert sorted(summary["skipped_files"]) == ["consolidated.safetensors", "original/consolidated.00.pth",
+                                                "pytorch_model.bin", "pytorch_model.bin.index.json"]
+    for rel in (*summary["skipped_files"], ".cache"):
+        assert not (out / rel).exists()
