@@ -13,13 +13,18 @@ import pytest
 import zarr
 
 
-def calibrate(model: Path, data: Path, work: Path, die_at: str | None = None, max_length: int = 64):
+DISK = ["--cache-budget", "0"]  # hidden states to zarr after every layer
+MEMORY = ["--checkpoint-every", "2"]  # hidden states in RAM, zarr checkpoint every 2 layers
+
+
+def calibrate(model: Path, data: Path, work: Path, die_at: str | None = None, max_length: int = 64,
+              tier: list[str] = DISK):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("SURGERY_DIE_AT", None)
     if die_at:
         env["SURGERY_DIE_AT"] = die_at
     cmd = [sys.executable, "-m", "surgery", "calibrate", str(model), "--dataset", str(data), "--samples", "7",
-           "--max-length", str(max_length), "--batch-size", "3", "--work", str(work), "--no-progress"]
+           "--max-length", str(max_length), "--batch-size", "3", "--work", str(work), "--no-progress", *tier]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -39,16 +44,21 @@ def assert_same_result(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(za[name][...], zb[name][...])
 
 
-@pytest.mark.parametrize("points", [["embed"], ["layer2.stats"], ["layer3.manifest"],
-                                    ["layer0.batch1", "layer3.stats", "layer5.batch2"]])
-def test_kill_and_resume_is_bit_identical(reference, tmp_path, points):
+@pytest.mark.parametrize("tier, points", [
+    (DISK, ["embed"]), (DISK, ["layer2.stats"]), (DISK, ["layer3.manifest"]),
+    (DISK, ["layer0.batch1", "layer3.stats", "layer5.batch2"]),
+    (MEMORY, ["layer2.batch1"]), (MEMORY, ["layer3.manifest"]),
+    (MEMORY, ["embed", "layer1.manifest", "layer4.stats"]),
+], ids=lambda v: v if isinstance(v, str) else "-".join(v))
+def test_kill_and_resume_is_bit_identical(reference, tmp_path, tier, points):
+    """The reference ran in the disk tier: the memory tier must give the same bytes too."""
     model, data, ref_work = reference
     work = tmp_path / "work"
     for point in points:
-        killed = calibrate(model, data, work, die_at=point)
+        killed = calibrate(model, data, work, die_at=point, tier=tier)
         assert killed.returncode == -9, (point, killed.stderr[-2000:])
         assert not (work / "saliency.json").exists()
-    done = calibrate(model, data, work)
+    done = calibrate(model, data, work, tier=tier)
     assert done.returncode == 0, done.stderr
     assert_same_result(ref_work, work)
 

@@ -10,6 +10,7 @@ the layer goes back to the meta device, so only one layer is ever resident.
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ class LayerFactory:
         self.config = self.skeleton.config
         inner = self.skeleton.model
         self.rotary = type(inner.rotary_emb)(config=self.config).to(device) if hasattr(inner, "rotary_emb") else None
+        self._prefetcher: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
 
     # ---------------------------------------------------------------- state dict from disk
     def _to_memory_key(self, rel: str) -> str:
@@ -86,16 +89,43 @@ class LayerFactory:
         return state
 
     # ---------------------------------------------------------------- paging
+    def _read_for_device(self, layer: int) -> dict[str, torch.Tensor]:
+        state = self.read_state_dict(layer)
+        if self.device.type == "cuda":  # pinned host memory: the host->GPU copy can run asynchronously
+            state = {k: v.pin_memory() for k, v in state.items()}
+        return state
+
+    def prefetch(self, layer: int) -> None:
+        """Start reading `layer`'s tensors in a background thread (one layer ahead at most), so disk
+        reads, FP8 dequantisation and expert fusion overlap the current layer's compute. The bytes
+        read are the same either way, so results do not depend on prefetching."""
+        if layer in self._pending or layer >= len(self.skeleton.model.layers):
+            return
+        if self._prefetcher is None:
+            self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-prefetch")
+        for stale in [k for k in self._pending if k != layer]:
+            self._pending.pop(stale).cancel()
+        self._pending[layer] = self._prefetcher.submit(self._read_for_device, layer)
+
+    def close(self) -> None:
+        for fut in self._pending.values():
+            fut.cancel()
+        self._pending.clear()
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True)
+            self._prefetcher = None
+
     def load(self, layer: int) -> nn.Module:
         module = self.skeleton.model.layers[layer]
-        state = self.read_state_dict(layer)
+        pending = self._pending.pop(layer, None)
+        state = pending.result() if pending is not None else self._read_for_device(layer)
         try:
             module.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
             raise SurgeryError(f"layer {layer} does not match the {self.model.spec.family} layout: {first}",
                                self.model.ckpt.directory) from None
-        return module.to(self.device)
+        return module.to(self.device, non_blocking=True)
 
     def unload(self, layer: int) -> None:
         self.skeleton.model.layers[layer].to("meta")

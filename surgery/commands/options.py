@@ -16,3 +16,17 @@ ROUTING = typer.Option("model", "--routing",
                        help="model (the model's true routing) or reference (CerebrasResearch/reap's rule).")
 KEEP_HIDDEN = typer.Option(False, "--keep-hidden", help="Keep every layer's hidden states in the cache.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bars.")
+BATCH_TOKENS = typer.Option(None, "--batch-tokens",
+                            help="Token budget per batch (rows x longest real length) instead of --batch-size rows.")
+CACHE_BUDGET = typer.Option(None, "--cache-budget",
+                            help="GB of host memory for hidden states between layers (default: 40% of available; "
+                                 "0 = zarr on disk every layer).")
+CHECKPOINT_EVERY = typer.Option(None, "--checkpoint-every",
+                                help="Layers between zarr checkpoints of in-memory hidden states (default: auto, "
+                                     "< 10% of compute).")
+NO_PREFETCH = typer.Option(False, "--no-prefetch", help="Do not read the next layer while computing this one.")
+NPROC = typer.Option(1, "--nproc", help="Processes (one per GPU, or CPU processes with gloo) via torchrun.")
+
+
+def budget_bytes(gb: float | None) -> int | None:
+    return None if gb is None else int(gb * 1e9)

@@ -1,17 +1,24 @@
-"""The layer-by-layer executor: embed, then page each decoder layer in, run every calibration
-sequence through it, write its outputs to the zarr cache (the next layer's input), record expert
-saliency, page it out. Only one layer's weights and one batch's activations are ever resident.
+"""The layer-by-layer executor: embed, then page each decoder layer in (the next one is read in the
+background meanwhile), run every calibration sequence through it, record expert saliency, page it
+out. Only one layer's weights (two while prefetching) and one batch's activations are resident.
 
-Resumable: `WORK/manifest.json` records the inputs and the number of completed layers, and is
-rewritten (atomically) only after that layer's outputs and statistics are on disk. A killed run,
-started again with the same inputs, continues from the cached hidden states of the next layer, so
-its result is bit-identical to an uninterrupted run.
+Hidden states between layers live in a tier: in host memory when they fit `cache_budget` (the zarr
+cache is then the spill tier and the resume checkpoint, written behind the compute every
+`checkpoint_every` layers and when the run is interrupted by a signal), else in the zarr cache,
+written every layer. Either way `WORK/manifest.json` records the inputs and the last layer boundary
+whose hidden states and statistics are durable, and is rewritten atomically only after they are on
+disk. A killed run, started again with the same inputs, continues from that boundary's cached
+hidden states, so its result is bit-identical to an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import math
 import resource
+import signal
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,31 +32,51 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
+from surgery.executor.distributed import Ranks, init_ranks, sum_stats
 from surgery.executor.progress import layer_progress
-from surgery.executor.stream import LayerStream
+from surgery.executor.stream import Batch, LayerStream, batch_ranges
 from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
-from surgery.saliency.observer import SaliencyObserver
+from surgery.saliency.observer import LayerStats, SaliencyObserver
 
 
 @dataclass
 class CalibrateOptions:
     batch_size: int = 8
+    batch_tokens: int | None = None  # token budget per batch instead of a fixed row count
     device: str = "auto"
     dtype: str = "auto"
     routing: str = "model"
     keep_hidden: bool = False
     progress: bool = True
+    prefetch: bool = True
+    cache_budget: int | None = None  # bytes of host memory for hidden states; None = auto, 0 = disk only
+    checkpoint_every: int | None = None  # layers between zarr checkpoints of the memory tier; None = auto
 
     def __post_init__(self) -> None:
         if self.routing not in ("model", "reference"):
             raise SurgeryError(f"unknown routing {self.routing!r} (use model or reference)")
         if self.batch_size < 1:
             raise SurgeryError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise SurgeryError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
 
     def identity(self) -> dict:
-        """Options that change the result (and so must match on resume)."""
-        return {"batch_size": self.batch_size, "dtype": self.dtype, "routing": self.routing}
+        """Options that change the result (and so must match on resume): the batching decides the
+        summation order. Prefetching, the cache tier and checkpointing do not change a bit."""
+        return {"batch_size": self.batch_size, "batch_tokens": self.batch_tokens, "dtype": self.dtype,
+                "routing": self.routing}
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -96,8 +123,12 @@ class Calibrator:
         self.ckpt = Checkpoint(self.model_dir)
         self.model = MoEModel(self.ckpt)
         self.fingerprint = fingerprint(self.ckpt)
+        self.ranks: Ranks = init_ranks(opts.device)
         self.device = resolve_device(opts.device)
+        if self.device.type == "cuda" and self.ranks.world > 1:
+            self.device = torch.device("cuda", self.ranks.local_rank)
         self.dtype = resolve_dtype(opts.dtype, self.device, self.model)
+        self.timings = {"compute": 0.0, "load_wait": 0.0, "checkpoint_write": 0.0}
         self.manifest_path = self.work / "manifest.json"
         self.stats_dir = self.work / "stats"
 
@@ -134,6 +165,8 @@ class Calibrator:
 
     def _write_manifest(self, identity: dict, completed: int | None, complete: bool = False) -> None:
         """`completed`: layers whose outputs and statistics are on disk; None while embedding."""
+        if not self.ranks.main:
+            return
         write_json_atomic(self.manifest_path, {
             "tool": f"surgery {surgery.__version__}",
             "command": "calibrate",
@@ -146,70 +179,248 @@ class Calibrator:
             "options": asdict(self.opts),
         })
 
+    # ---------------------------------------------------------------- hidden-state tiers
+    def _tier_bytes(self, batches: list[Batch], mask: np.ndarray) -> int:
+        hidden = self.ckpt.info(self.model.spec.embed).shape[1]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum((e - s) * int(mask[s:e].sum(axis=0).nonzero()[0].max(initial=0) + 1) * hidden * item
+                   for s, e in batches)
+
+    def _use_memory(self, batches: list[Batch], mask: np.ndarray) -> bool:
+        """Memory tier when input, output and the one being checkpointed fit the budget."""
+        budget = self.opts.cache_budget
+        if budget is None:
+            budget = int(0.4 * available_memory())
+        return budget > 0 and 3 * self._tier_bytes(batches, mask) <= budget
+
+    def _save_boundary(self, cache: HiddenCache, boundary: int, store: dict[Batch, torch.Tensor],
+                       shape: tuple[int, int, int]) -> None:
+        """Write a memory-tier layer boundary into the zarr cache (this rank's rows)."""
+        t0 = time.perf_counter()
+        if self.ranks.main:
+            cache.create_hidden(boundary, *shape, self.dtype, 1)
+        self.ranks.barrier()
+        z = cache.hidden(boundary)
+        for (s, _e), y in store.items():
+            HiddenCache.write_rows(z, s, y)
+        self.ranks.barrier()
+        self.timings["checkpoint_write"] += time.perf_counter() - t0
+
+    def _commit_boundary(self, cache: HiddenCache, identity: dict, boundary: int) -> None:
+        """Make `boundary` the resume point, then drop older hidden states."""
+        self._write_manifest(identity, boundary)
+        crash_point(f"layer{boundary - 1}.manifest")
+        if self.ranks.main and not self.opts.keep_hidden:
+            for old in cache.hidden_layers():
+                if old < boundary:
+                    cache.delete_hidden(old)
+
     # ---------------------------------------------------------------- run
     def run(self, inputs: CalibrationInputs) -> dict:
         identity = self._identity(inputs)
         manifest = self._check_work(identity)
         if manifest and manifest.get("complete") and (self.work / "saliency.json").exists():
             return read_json(self.work / "saliency.json", "saliency")
-        self.work.mkdir(parents=True, exist_ok=True)
-        self.stats_dir.mkdir(exist_ok=True)
+        ranks = self.ranks
+        if ranks.main:
+            self.work.mkdir(parents=True, exist_ok=True)
+            self.stats_dir.mkdir(exist_ok=True)
+        ranks.barrier()
+        stop = threading.Event()
+        handlers = self._install_signal_handlers(stop)
+        try:
+            return self._run(inputs, identity, manifest, stop)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _install_signal_handlers(self, stop: threading.Event) -> dict:
+        """SIGINT/SIGTERM: finish the current batch, checkpoint what is in memory, then stop."""
+        if threading.current_thread() is not threading.main_thread() or self.ranks.world > 1:
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda *_: stop.set())
+        return previous
+
+    def _run(self, inputs: CalibrationInputs, identity: dict, manifest: dict | None,
+             stop: threading.Event) -> dict:
+        ranks, opts = self.ranks, self.opts
         cache = HiddenCache(self.work / "cache.zarr")
-        t0 = time.perf_counter()
-        stream = LayerStream(LayerFactory(self.model, self.dtype, self.device), cache, self.opts.batch_size)
-        if manifest is None or manifest["completed_layers"] is None:
+        t_start = time.perf_counter()
+        factory = LayerFactory(self.model, self.dtype, self.device)
+        stream = LayerStream(factory, cache, opts.batch_size)
+        ids, mask = inputs.input_ids, inputs.attention_mask
+        hidden = self.ckpt.info(self.model.spec.embed).shape[1]
+        shape = (ids.shape[0], ids.shape[1], hidden)
+        batches = ranks.share(batch_ranges(mask, opts.batch_size, opts.batch_tokens))
+        memory = self._use_memory(batches, mask)
+        store: dict[Batch, torch.Tensor] = {}
+
+        fresh = manifest is None or manifest["completed_layers"] is None
+        if fresh:
             # the manifest exists before the cache does, so a run killed while embedding is ours to redo
             self._write_manifest(identity, None)
-            cache.write_tokens(inputs.input_ids, inputs.attention_mask, self.opts.batch_size)
-            stream.embed(inputs.input_ids)
-            crash_point("embed")
-            self._write_manifest(identity, 0)
+            if ranks.main:
+                cache.write_tokens(ids, mask, opts.batch_size)
+            ranks.barrier()
             completed = 0
+            for s, e in batches:
+                store[(s, e)] = self.embed_rows(stream, ids, mask, s, e)
+            if not memory:
+                self._save_boundary(cache, 0, store, shape)
+                store.clear()
+                crash_point("embed")
+                self._write_manifest(identity, 0)
+            else:
+                crash_point("embed")
+                if opts.keep_hidden:
+                    self._save_boundary(cache, 0, store, shape)
+                    self._commit_boundary(cache, identity, 0)
         else:
             completed = int(manifest["completed_layers"])
             if not cache.has_hidden(completed):
                 raise SurgeryError(f"manifest says {completed} layers are done but hidden_{completed} is "
                                    "missing from the cache; start with an empty --work", self.work)
-        ids, mask = cache.tokens()
-        for stale in cache.hidden_layers():
-            if stale > completed:
-                cache.delete_hidden(stale)  # a layer interrupted mid-write: recomputed below
-        num_experts, routing = self.model.num_experts, self.opts.routing
-        real_tokens = int(mask.sum())
+            if ranks.main:
+                for stale in cache.hidden_layers():
+                    if stale > completed:
+                        cache.delete_hidden(stale)  # interrupted mid-write: recomputed below
+            ranks.barrier()
+            if memory:
+                z = cache.hidden(completed)
+                store = {b: HiddenCache.read_rows(z, b[0], b[1], self._batch_len(mask, b)) for b in batches}
+
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-checkpoint") \
+            if memory and ranks.world == 1 else None
+        pending: Future | None = None
+        every = opts.checkpoint_every or (1 if opts.keep_hidden else None)
+        durable = None if fresh else completed  # last boundary on disk
+        num_experts, routing = self.model.num_experts, opts.routing
         n_layers = self.model.num_layers
-        with layer_progress(n_layers, real_tokens, enabled=self.opts.progress) as progress:
-            progress.start_layers(completed)
-            for layer in range(completed, n_layers):
-                progress.start_layer(layer)
-                observer = stream.run_layer(layer, mask, progress.advance,
-                                            lambda block: SaliencyObserver(block, num_experts, routing))
-                if observer is not None:
-                    write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", observer.stats.result(),
-                                      indent=None)
-                crash_point(f"layer{layer}.stats")
-                self._write_manifest(identity, layer + 1)
-                crash_point(f"layer{layer}.manifest")
-                if not self.opts.keep_hidden:
-                    cache.delete_hidden(layer)
+        real_tokens = int(mask.sum())
+
+        def checkpoint(boundary: int, snapshot: dict[Batch, torch.Tensor]) -> None:
+            self._save_boundary(cache, boundary, snapshot, shape)
+            self._commit_boundary(cache, identity, boundary)
+
+        layer = completed
+        try:
+            with layer_progress(n_layers, real_tokens, enabled=opts.progress and ranks.main) as progress:
+                progress.start_layers(completed)
+                for layer in range(completed, n_layers):
+                    progress.start_layer(layer)
+                    t0 = time.perf_counter()
+                    module = factory.load(layer).eval()
+                    if opts.prefetch:
+                        factory.prefetch(layer + 1)
+                    self.timings["load_wait"] += time.perf_counter() - t0
+                    block = factory.moe_block(module)
+                    observer = SaliencyObserver(block, num_experts, routing) if block is not None else None
+                    t0 = time.perf_counter()
+                    try:
+                        if memory:
+                            out: dict[Batch, torch.Tensor] = {}
+                            stream.run_batches(layer, module, batches, mask, _reader(store), out.__setitem__,
+                                               progress.advance, observer, stop.is_set)
+                        else:
+                            if ranks.main:
+                                cache.create_hidden(layer + 1, *shape, self.dtype, 1)
+                            ranks.barrier()
+                            read, write = stream._zarr_io(cache.hidden(layer), cache.hidden(layer + 1))
+                            stream.run_batches(layer, module, batches, mask, read, write, progress.advance,
+                                               observer, stop.is_set)
+                    finally:
+                        if observer is not None:
+                            observer.detach()
+                        factory.unload(layer)
+                    compute = time.perf_counter() - t0
+                    self.timings["compute"] += compute
+                    if observer is not None:
+                        self._write_stats(layer, observer.stats)
+                    crash_point(f"layer{layer}.stats")
+                    if not memory:
+                        ranks.barrier()
+                        self._commit_boundary(cache, identity, layer + 1)
+                        continue
+                    store = out
+                    boundary = layer + 1
+                    if every is None or boundary == n_layers or boundary - (durable or 0) >= every:
+                        if pending is not None:
+                            pending.result()
+                        w0 = time.perf_counter()
+                        if writer is None:
+                            checkpoint(boundary, store)
+                        else:
+                            pending = writer.submit(checkpoint, boundary, store)
+                        if every is None:
+                            # auto, decided at the first checkpoint: its disk traffic should cost < 10%
+                            # of the compute it protects (the write itself runs behind the next layers)
+                            if pending is not None:
+                                pending.result()
+                            every = max(1, math.ceil((time.perf_counter() - w0) / max(0.1 * compute, 1e-9)))
+                        durable = boundary  # written, or being written behind the compute
+                if pending is not None:
+                    pending.result()
+        except KeyboardInterrupt:
+            if memory and ranks.world == 1:
+                if pending is not None:
+                    pending.result()
+                if durable != layer:  # `store` holds the complete input of `layer`
+                    checkpoint(layer, store)
+            factory.close()
+            raise
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
+        factory.close()
+        ranks.barrier()
         saliency = {
             "model": self.fingerprint,
             "model_path": str(self.model_dir.resolve()),
             "num_tokens": real_tokens,
-            "routing": self.opts.routing,
+            "routing": opts.routing,
             "layers": {str(layer): read_json(self.stats_dir / f"layer_{layer:04d}.json", "layer statistics")
                        for layer in self.model.moe_layers},
         }
-        write_json_atomic(self.work / "saliency.json", saliency, indent=None)
-        self._write_manifest(identity, n_layers, complete=True)
+        if ranks.main:
+            write_json_atomic(self.work / "saliency.json", saliency, indent=None)
+            self._write_manifest(identity, n_layers, complete=True)
+        ranks.barrier()
         self.summary = {
             "layers": n_layers - completed,
             "tokens": real_tokens,
-            "seconds": time.perf_counter() - t0,
+            "seconds": time.perf_counter() - t_start,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "cache_bytes": cache.disk_bytes(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "tier": "memory" if memory else "disk",
+            "checkpoint_every": every,
+            "ranks": ranks.world,
+            **{f"{k}_s": round(v, 3) for k, v in self.timings.items()},
         }
         if self.device.type == "cuda":
             self.summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return saliency
+
+    @staticmethod
+    def _batch_len(mask: np.ndarray, b: Batch) -> int:
+        real = mask[b[0]:b[1]].sum(axis=0).nonzero()[0]
+        return int(real.max()) + 1 if real.size else 1
+
+    def embed_rows(self, stream: LayerStream, ids: np.ndarray, mask: np.ndarray, s: int, e: int) -> torch.Tensor:
+        """Embeddings of rows [s, e), trimmed to the batch's real length like every later layer."""
+        return stream.embed_batch(ids[s:e, :self._batch_len(mask, (s, e))])
+
+    def _write_stats(self, layer: int, stats: LayerStats) -> None:
+        parts = self.ranks.gather(stats.raw())
+        if self.ranks.main:
+            total = LayerStats.from_raw(sum_stats(parts)) if len(parts) > 1 else stats
+            write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", total.result(), indent=None)
+
+
+def _reader(store: dict[Batch, torch.Tensor]):
+    """Memory-tier read: the stored batch is already trimmed to its real length."""
+    return lambda b, t: store[b]

@@ -1,15 +1,16 @@
 """Hidden states through decoder layers, one layer resident at a time: the shared engine of
 `calibrate` (with saliency observers) and `eval` (followed by the final norm and lm_head).
 
-`hidden_<l>` in the cache is layer l's input; running layer l reads it batch by batch and writes
-`hidden_<l+1>`. Each batch is trimmed to its longest real sequence (right padding), with a causal +
-padding mask and position ids built by transformers' own mask functions for the layer's attention
-type, and the model's rotary embedding.
+A layer boundary's hidden states are read and written per batch through two callables, so the same
+loop serves the zarr tier (`hidden_<l>` arrays on disk) and the memory tier (per-batch tensors kept
+in RAM, checkpointed to zarr now and then). Each batch is trimmed to its longest real sequence
+(right padding), with a causal + padding mask and position ids built by transformers' own mask
+functions for the layer's attention type, and the model's rotary embedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from surgery.arch.layer import LayerFactory
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
 from surgery.faults import checkpoint as crash_point
+
+Batch = tuple[int, int]  # rows [start, stop) of the calibration set
 
 
 def mask_builder(config, layer: int):
@@ -31,14 +34,34 @@ def mask_builder(config, layer: int):
     return builders[kind]
 
 
-def real_length(mask: torch.Tensor) -> int:
+def real_length(mask: torch.Tensor | np.ndarray) -> int:
     """Columns up to the last real token of any row (right padding): the rest is not computed."""
-    real = mask.sum(dim=0).nonzero()
-    return int(real.max()) + 1 if real.numel() else 1
+    real = np.asarray(mask).sum(axis=0).nonzero()[0]
+    return int(real.max()) + 1 if real.size else 1
+
+
+def batch_ranges(mask: np.ndarray, batch_size: int, batch_tokens: int | None = None) -> list[Batch]:
+    """Contiguous batches of rows: `batch_size` rows each, or, with a token budget, as many rows as
+    keep rows x (longest real length in the batch) within `batch_tokens` (at least one row), so long
+    and short samples fill the device evenly."""
+    rows = mask.shape[0]
+    if not batch_tokens:
+        return [(s, min(s + batch_size, rows)) for s in range(0, rows, batch_size)]
+    lengths = [real_length(mask[i:i + 1]) for i in range(rows)]
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest_with = max(longest, n)
+        if i > start and (i - start + 1) * longest_with > batch_tokens:
+            out.append((start, i))
+            start, longest_with = i, n
+        longest = longest_with
+    if start < rows:
+        out.append((start, rows))
+    return out
 
 
 class LayerStream:
-    def __init__(self, factory: LayerFactory, cache: HiddenCache, batch_size: int) -> None:
+    def __init__(self, factory: LayerFactory, cache: HiddenCache | None, batch_size: int) -> None:
         self.factory = factory
         self.model = factory.model
         self.cache = cache
@@ -46,55 +69,78 @@ class LayerStream:
         self.dtype = factory.dtype
         self.device = factory.device
 
-    def embed(self, ids: np.ndarray) -> None:
-        """hidden_0 = embedding rows of the tokens; only the embedding tensor's needed rows are read."""
-        name = self.model.spec.embed
-        info = self.model.ckpt.info(name)
-        bs = self.batch_size
-        z = self.cache.create_hidden(0, ids.shape[0], ids.shape[1], info.shape[1], self.dtype, bs)
-        for s in range(0, ids.shape[0], bs):
-            batch = ids[s:s + bs]
-            uniq, inverse = np.unique(batch, return_inverse=True)
-            rows = self.model.ckpt.read_rows(name, uniq.tolist())
-            table = torch.stack([rows[int(u)] for u in uniq]).to(self.dtype)
-            HiddenCache.write_rows(z, s, table[torch.from_numpy(inverse.reshape(batch.shape))])
+    # ---------------------------------------------------------------- per-batch primitives
+    def embed_batch(self, ids: np.ndarray) -> torch.Tensor:
+        """Embedding rows of one batch of tokens; only the needed rows of the embedding are read."""
+        uniq, inverse = np.unique(ids, return_inverse=True)
+        rows = self.model.ckpt.read_rows(self.model.spec.embed, uniq.tolist())
+        table = torch.stack([rows[int(u)] for u in uniq]).to(self.dtype)
+        return table[torch.from_numpy(inverse.reshape(ids.shape))]
 
     @torch.no_grad()
+    def run_batches(self, layer: int, module: nn.Module, batches: Sequence[Batch], mask: np.ndarray,
+                    read: Callable[[Batch, int], torch.Tensor], write: Callable[[Batch, torch.Tensor], None],
+                    advance: Callable[[int], None], observer: object | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> None:
+        """Run an already loaded `module` (decoder layer `layer`) over `batches`."""
+        config = self.factory.config
+        build_mask = mask_builder(config, layer)
+        for i, (s, e) in enumerate(batches):
+            m = torch.from_numpy(mask[s:e].astype(np.int64))
+            t = real_length(m)
+            m = m[:, :t].to(self.device)
+            x = read((s, e), t).to(self.device, self.dtype, non_blocking=True)
+            pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
+            attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, past_key_values=None,
+                              position_ids=pos)
+            pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
+            if observer is not None:
+                observer.valid = m.reshape(-1).bool()
+            y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
+                       past_key_values=None, use_cache=False)
+            y = y[0] if isinstance(y, tuple) else y
+            if not torch.isfinite(y[m.bool()]).all():
+                raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} (samples {s}..{e - 1})",
+                                   self.model.ckpt.directory)
+            write((s, e), y)
+            advance(int(m.sum()))
+            crash_point(f"layer{layer}.batch{i}")
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+
+    # ---------------------------------------------------------------- the zarr-tier convenience path
+    def _zarr_io(self, z_in, z_out):
+        def read(b: Batch, t: int) -> torch.Tensor:
+            return HiddenCache.read_rows(z_in, b[0], b[1], t)
+
+        def write(b: Batch, y: torch.Tensor) -> None:
+            HiddenCache.write_rows(z_out, b[0], y)
+
+        return read, write
+
+    def embed(self, ids: np.ndarray) -> None:
+        """hidden_0 = embedding rows of the tokens, written to the zarr cache."""
+        info = self.model.ckpt.info(self.model.spec.embed)
+        z = self.cache.create_hidden(0, ids.shape[0], ids.shape[1], info.shape[1], self.dtype, 1)
+        for s, e in batch_ranges(np.ones(ids.shape[:1] + (1,)), self.batch_size):
+            HiddenCache.write_rows(z, s, self.embed_batch(ids[s:e]))
+
     def run_layer(self, layer: int, mask: np.ndarray, advance: Callable[[int], None],
                   observe: Callable[[nn.Module], object] | None = None) -> object | None:
-        """Run layer `layer` over every batch; `observe(moe_block)` may instrument its MoE block and
-        returns an observer (with `.valid` and `.detach()`), which is returned at the end."""
-        factory, bs = self.factory, self.batch_size
-        module = factory.load(layer).eval()
-        block = factory.moe_block(module)
+        """Run layer `layer` from zarr `hidden_<layer>` to `hidden_<layer+1>` over every batch;
+        `observe(moe_block)` may instrument its MoE block and returns the observer."""
+        module = self.factory.load(layer).eval()
+        block = self.factory.moe_block(module)
         observer = observe(block) if (observe is not None and block is not None) else None
         z_in = self.cache.hidden(layer)
         samples, length, hidden = z_in.shape
-        z_out = self.cache.create_hidden(layer + 1, samples, length, hidden, self.dtype, bs)
-        build_mask = mask_builder(factory.config, layer)
+        z_out = self.cache.create_hidden(layer + 1, samples, length, hidden, self.dtype, 1)
+        read, write = self._zarr_io(z_in, z_out)
         try:
-            for s in range(0, samples, bs):
-                m = torch.from_numpy(mask[s:s + bs].astype(np.int64))
-                t = real_length(m)
-                m = m[:, :t].to(self.device)
-                x = HiddenCache.read_rows(z_in, s, s + m.shape[0], t).to(self.device, self.dtype)
-                pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
-                attn = build_mask(config=factory.config, inputs_embeds=x, attention_mask=m,
-                                  past_key_values=None, position_ids=pos)
-                pe = factory.rotary(x, pos) if factory.rotary is not None else None
-                if observer is not None:
-                    observer.valid = m.reshape(-1).bool()
-                y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
-                           past_key_values=None, use_cache=False)
-                y = y[0] if isinstance(y, tuple) else y
-                if not torch.isfinite(y[m.bool()]).all():
-                    raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} "
-                                       f"(samples {s}..{s + m.shape[0] - 1})", self.model.ckpt.directory)
-                HiddenCache.write_rows(z_out, s, y)
-                advance(int(m.sum()))
-                crash_point(f"layer{layer}.batch{s // bs}")
+            self.run_batches(layer, module, batch_ranges(mask, self.batch_size), mask, read, write, advance,
+                             observer)
         finally:
             if observer is not None:
                 observer.detach()
-            factory.unload(layer)
+            self.factory.unload(layer)
         return observer

@@ -65,6 +65,19 @@ class LayerStats:
         self.reap_sum[j] += float((g * norms).sum())
         self.max_activation[j] = max(self.max_activation[j], float(out.max()))
 
+    RAW = ("frequency", "weighted_frequency", "ean", "reap_sum", "max_activation")
+
+    def raw(self) -> dict[str, np.ndarray]:
+        """The accumulators themselves (what ranks of a distributed run exchange and sum)."""
+        return {k: getattr(self, k).copy() for k in self.RAW}
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, np.ndarray]) -> LayerStats:
+        stats = cls(len(raw["frequency"]))
+        for k in cls.RAW:
+            setattr(stats, k, np.asarray(raw[k], dtype=np.float64).copy())
+        return stats
+
     def result(self) -> dict[str, list[float]]:
         freq = self.frequency
         reap = np.divide(self.reap_sum, freq, out=np.zeros_like(freq), where=freq > 0)
