@@ -432,3 +432,26 @@ def test_symlinked_shards_are_read(tiny_checkpoint, tmp_path: Path) -> None:
         (blobs / f.name).write_bytes(f.read_bytes())
         (snap / f.name).symlink_to(Path("../..") / "blobs" / f.name)
     assert_round_trip(snap)
+
+
+def test_fingerprint_follows_headers_not_data(tiny_checkpoint, tmp_path: Path) -> None:
+    from surgery.checkpoint.fingerprint import fingerprint
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint("mixtral"), d)
+    with Checkpoint(d) as ckpt:
+        first = fingerprint(ckpt)
+        shard = ckpt.shards[sorted(ckpt.shards)[0]]
+        assert shard.raw == shard.path.read_bytes()[8:shard.data_start]  # the exact header bytes
+    victim = _shards(d)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0xFF  # tensor bytes only: a fingerprint is of metadata, by design
+    victim.write_bytes(bytes(raw))
+    with Checkpoint(d) as ckpt:
+        assert fingerprint(ckpt) == first
+    header, data = split_safetensors(victim)
+    header["__metadata__"] = {"format": "pt", "note": "changed"}
+    join_safetensors(victim, header, data)
+    with Checkpoint(d) as ckpt:
+        second = fingerprint(ckpt)
+    assert second["sha256"] != first["sha256"] and second["total_bytes"] == first["total_bytes"]

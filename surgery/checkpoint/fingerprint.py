@@ -19,7 +19,7 @@ def fingerprint(ckpt: Checkpoint) -> dict:
     for name in sorted(ckpt.shards):
         shard = ckpt.shards[name]
         h.update(f"shard\0{name}\0{shard.file_size}\0".encode())
-        h.update(shard.raw)
+        h.update(shard.raw_sha256)
     archs = ckpt.config.get("architectures") or []
     return {
         "sha256": h.hexdigest(),

@@ -10,10 +10,12 @@ directory, byte range past the file end) is a one-line `SurgeryError` naming the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,20 +50,26 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 TORCH_TO_CODE = {dt: code for code, (dt, _) in DTYPES.items()}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """Where one tensor lives: shard file, dtype, shape and absolute byte range in that file."""
+    """Where one tensor lives: shard file, dtype, shape and absolute byte range in that file.
+
+    Slotted: a large checkpoint has ~100k of these, and `inspect` must stay small.
+    """
 
     name: str
     shard: str
     dtype: str
     shape: tuple[int, ...]
     begin: int
-    end: int
+
+    @property
+    def end(self) -> int:
+        return self.begin + self.nbytes
 
     @property
     def nbytes(self) -> int:
-        return self.end - self.begin
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -78,19 +86,32 @@ class TensorInfo:
 
 @dataclass
 class ShardHeader:
-    """One shard's parsed header; `raw` is the exact header bytes (used for fingerprints)."""
+    """One shard's parsed header. Only the SHA-256 of the exact header bytes is kept (fingerprints
+    need no more, and a large checkpoint's headers are tens of MB); `raw` reads them again."""
 
     name: str
     path: Path
     file_size: int
     data_start: int
-    raw: bytes
+    raw_sha256: bytes
     metadata: dict[str, str]
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
 
+    @property
+    def raw(self) -> bytes:
+        """The exact header bytes (JSON after the 8-byte length), read from the file."""
+        with open(self.path, "rb") as f:
+            f.seek(8)
+            return f.read(self.data_start - 8)
 
-def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
-    """Parse and validate one safetensors file's header without reading any tensor data."""
+
+def read_shard_header(path: Path, name: str | None = None,
+                      shapes: dict[tuple[int, ...], tuple[int, ...]] | None = None) -> ShardHeader:
+    """Parse and validate one safetensors file's header without reading any tensor data.
+
+    `shapes` (shared across a checkpoint's shards) makes equal shapes one tuple: a few hundred
+    distinct shapes stand for ~100k tensors."""
+    shapes = {} if shapes is None else shapes
     name = name or path.name
     if not path.is_file():
         raise SurgeryError("shard file is missing", path)
@@ -118,19 +139,22 @@ def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
         raise SurgeryError("header does not parse: __metadata__ is not an object", path)
     data_start = 8 + header_len
     data_size = file_size - data_start
-    shard = ShardHeader(name=name, path=path, file_size=file_size, data_start=data_start, raw=raw,
-                        metadata=metadata)
+    shard = ShardHeader(name=name, path=path, file_size=file_size, data_start=data_start,
+                        raw_sha256=hashlib.sha256(raw).digest(), metadata=metadata)
+    del raw
     for tname, entry in header.items():
         try:
             dtype = entry["dtype"]
             if not isinstance(dtype, str):
                 raise TypeError("dtype is not a string")
             shape = tuple(int(d) for d in entry["shape"])
+            shape = shapes.setdefault(shape, shape)
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise SurgeryError(f"header does not parse: bad entry for tensor {tname!r}", path) from None
         if dtype not in DTYPES:
             raise SurgeryError(f"tensor {tname!r} has unsupported dtype {dtype!r}", path)
+        dtype = sys.intern(dtype)
         if not 0 <= begin <= end:
             raise SurgeryError(f"tensor {tname!r} has invalid data offsets [{begin}, {end})", path)
         if end > data_size:
@@ -142,7 +166,7 @@ def read_shard_header(path: Path, name: str | None = None) -> ShardHeader:
             raise SurgeryError(
                 f"tensor {tname!r} spans {end - begin} bytes but shape {list(shape)} of {dtype} needs {expected}",
                 path)
-        shard.tensors[tname] = TensorInfo(tname, name, dtype, shape, data_start + begin, data_start + end)
+        shard.tensors[tname] = TensorInfo(tname, name, dtype, shape, data_start + begin)
     return shard
 
 
@@ -188,26 +212,34 @@ class Checkpoint:
         if index.is_file():
             self.index_path = index
             try:
-                data = json.loads(index.read_text())
+                data = json.loads(index.read_bytes())
                 weight_map = data["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise ValueError("weight_map is not an object")
                 if not all(isinstance(v, str) for v in weight_map.values()):
                     raise ValueError("weight_map values must be shard file names (strings)")
-            except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+                self.index_metadata = data.get("metadata") or {}
+            except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise SurgeryError(f"index does not parse: {exc}", index) from None
-            self.index_metadata = data.get("metadata") or {}
-            for rel in sorted(set(weight_map.values())):
+            # name -> shard number, then drop the parsed index: its ~100k shard-name strings would
+            # otherwise sit beside every shard's header at the peak of a large checkpoint.
+            rels = sorted(set(weight_map.values()))
+            number = {rel: i for i, rel in enumerate(rels)}
+            wanted = {tname: number[rel] for tname, rel in weight_map.items()}
+            del data, weight_map
+            shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+            for rel in rels:
                 path = self._resolve_shard(rel, index)
                 if not path.is_file():
                     raise SurgeryError(f"shard named in {INDEX_NAME} is missing", path)
-                self.shards[rel] = read_shard_header(path, rel)
-            for tname, rel in weight_map.items():
+                self.shards[rel] = read_shard_header(path, rel, shapes)
+            for tname, i in wanted.items():
+                rel = rels[i]
                 info = self.shards[rel].tensors.get(tname)
                 if info is None:
                     raise SurgeryError(f"tensor {tname!r} is listed in the index but not in this shard",
                                        self.shards[rel].path)
-                self.tensors[tname] = info
+                self.tensors[info.name] = info  # the header's string: the index's can be freed
         elif single.is_file():
             self.shards[SINGLE_NAME] = read_shard_header(single)
             self.tensors = dict(self.shards[SINGLE_NAME].tensors)
