@@ -141,3 +141,23 @@ def test_cli_verify_ok_and_one_line_error(medium, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "inside the model directory" in bad.stderr
     assert not (src / "inside").exists()
+
+
+def test_second_writer_is_refused(medium, tmp_path):
+    from surgery.errors import SurgeryError
+    from surgery.plan import load_plan
+    from surgery.rewrite import rewrite_checkpoint
+
+    src, plan = medium
+    out = tmp_path / "out"
+    proc = start(src, plan, out, 0.05)
+    try:
+        deadline = time.monotonic() + 60
+        while not partial_exists(out):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        with pytest.raises(SurgeryError, match="another surgery rewrite is writing"):
+            rewrite_checkpoint(src, load_plan(plan), out, progress=False)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()

@@ -246,6 +246,7 @@ def main() -> None:
         "rewrite 0.0 (full copy)": lambda dst: (rewrite(plans[0.0], dst), None),
     }
     results: dict[str, list[dict]] = {k: [] for k in variants}
+    load_before = os.getloadavg()
     warm(model_dir)
     warm(model_dir)
     for rep in range(args.reps):
@@ -272,10 +273,12 @@ def main() -> None:
                   f"peak RSS {r['maxrss_kb'] / 1024:.0f} MB (VmHWM {r['hwm_kb'] / 1024:.0f} MB), "
                   f"peak anon {r['anon_kb'] / 1024:.0f} MB", flush=True)
     shutil.rmtree(root / "out", ignore_errors=True)
-    write_doc(args.doc, results, total, shards, n_tensors, args.reps)
+    loads = (load_before, os.getloadavg())
+    write_doc(args.doc, results, total, shards, n_tensors, args.reps, loads)
 
 
-def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int, reps: int) -> None:
+def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int, reps: int,
+              loads: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     med = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
     inner = {k: statistics.median(r["summary"]["seconds"] for r in v) for k, v in results.items() if "rewrite" in k}
     rss = {k: max(r["maxrss_kb"] for r in v) / 1024 for k, v in results.items()}
@@ -289,7 +292,9 @@ def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int
         "",
         "Produced by `tools/bench_rewrite.py` (run it again to refresh this file).",
         "",
-        f"- Machine: {machine()}.",
+        f"- Machine: {machine()}. Load average (1/5/15 min) before the runs "
+        f"{' / '.join(f'{x:.1f}' for x in loads[0])}, after {' / '.join(f'{x:.1f}' for x in loads[1])} "
+        "(other work shares the machine; timings vary accordingly, which is why runs alternate).",
         f"- Checkpoint: synthetic MiniMax-M2 layout, bf16, {SIZES['num_hidden_layers']} layers x "
         f"{SIZES['num_local_experts']} experts, hidden {SIZES['hidden_size']}, expert intermediate "
         f"{SIZES['intermediate_size']}; {total / 1e9:.2f} GB in {len(shards)} shards "

@@ -294,23 +294,25 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
             "skipped_files": [],
             "already_complete": False,
         }
-        state, manifest = _state(out_dir, phash)
+        state, manifest = _state(out_dir, phash)  # refusals happen here, before anything is written
         if state == "complete":
-            for s in written:
-                p = out_dir / s.name
-                if not p.is_file() or p.stat().st_size != s.file_size:
-                    raise SurgeryError(f"a finished rewrite of this plan whose shard {s.name} is missing or has "
-                                       "the wrong size; delete OUT and run again", out_dir)
-            summary["already_complete"] = True
-            summary["seconds"] = time.perf_counter() - t0
-            return summary
+            return _already_complete(out_dir, written, summary, t0)
         out_dir.mkdir(parents=True, exist_ok=True)
         with _locked(out_dir):
+            # again under the lock: another process may have finished (or started) this OUT meanwhile
+            state, manifest = _state(out_dir, phash)
+            if state == "complete":
+                (out_dir / LOCK).unlink(missing_ok=True)
+                return _already_complete(out_dir, written, summary, t0)
             if manifest is None:
                 manifest = {"format": FORMAT, "tool_version": surgery.__version__, "plan_sha256": phash,
                             "source_sha256": plan["source"]["sha256"], "model_path": str(model_dir.resolve()),
                             "shards": {}}
                 write_json_atomic(out_dir / MANIFEST, manifest)
+            elif progress and manifest.get("shards"):
+                from rich.console import Console
+
+                Console(stderr=True).print(f"resuming: verifying {len(manifest['shards'])} finished shard(s)")
             _write_shards(ckpt, written, out_dir, manifest, summary, progress)
             if ckpt.index_path is not None:
                 write_json_atomic(out_dir / INDEX_NAME, _index(ckpt, written), indent=2)
@@ -326,6 +328,18 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
             (out_dir / MANIFEST).unlink(missing_ok=True)
             (out_dir / LOCK).unlink(missing_ok=True)
             fsync_dir(out_dir)
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _already_complete(out_dir: Path, written: list[OutShard], summary: dict, t0: float) -> dict:
+    """A finished rewrite of this plan: check that its shards are still there, and do nothing."""
+    for s in written:
+        p = out_dir / s.name
+        if not p.is_file() or p.stat().st_size != s.file_size:
+            raise SurgeryError(f"a finished rewrite of this plan whose shard {s.name} is missing or has the wrong "
+                               "size; delete OUT and run again", out_dir)
+    summary["already_complete"] = True
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
