@@ -102,8 +102,8 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.
             plain = dequantize_checkpoint(model_dir, tmp)
             model = AutoModelForCausalLM.from_pretrained(plain, dtype=dtype)
             # materialise every tensor before the files go away (they may be memory-mapped)
-            for p in model.parameters():
-                p.data = p.data.clone()
+            for t in (*model.parameters(), *model.buffers()):
+                t.data = t.data.clone()
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     return model.eval()
