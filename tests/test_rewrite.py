@@ -212,6 +212,24 @@ def test_killed_before_config_resumes_identically(tiny_checkpoint, tmp_path, mon
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
 
 
+def test_unhashed_shards_are_never_reused(tiny_checkpoint, tmp_path, monkeypatch):
+    """SURGERY_BENCH_NO_HASH (benchmarks only) records no hash, so a resumed run writes those again."""
+    import surgery.rewrite.run as run
+
+    src = tiny_checkpoint("qwen2_moe")
+    plan = random_plan(src)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setenv("SURGERY_BENCH_NO_HASH", "1")
+        m.setattr(run, "_write_text_durably", lambda path, text: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            rewrite_checkpoint(src, plan, out, progress=False)
+    assert all(r["sha256"] is None for r in json.loads((out / MANIFEST).read_text())["shards"].values())
+    summary = rewrite_checkpoint(src, plan, out, progress=False)
+    assert summary["shards_reused"] == 0 and summary["shards_written"] == summary["shards"]
+    verify_checkpoint(out)
+
+
 # ---------------------------------------------------------------------------------------------- refusals
 def test_refuses_out_equal_to_or_inside_model(tiny_checkpoint, tmp_path):
     src = tiny_checkpoint("olmoe")

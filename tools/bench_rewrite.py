@@ -244,6 +244,8 @@ def main() -> None:
         "rewrite 0.5": lambda dst: (rewrite(plans[0.5], dst), None),
         "rewrite 0.5 (pread/write)": lambda dst: (rewrite(plans[0.5], dst), {"SURGERY_COPY_MODE": "readwrite"}),
         "rewrite 0.0 (full copy)": lambda dst: (rewrite(plans[0.0], dst), None),
+        "rewrite 0.0 (full copy, no SHA-256)": lambda dst: (rewrite(plans[0.0], dst), {"SURGERY_BENCH_NO_HASH": "1"}),
+        "start-up only (surgery rewrite --help)": lambda dst: ([py, "-m", "surgery", "rewrite", "--help"], None),
     }
     results: dict[str, list[dict]] = {k: [] for k in variants}
     load_before = os.getloadavg()
@@ -258,8 +260,8 @@ def main() -> None:
             cmd, extra = make(dst)
             env = {**os.environ, **(extra or {})}
             r = run(cmd, env)
-            r["out_bytes"] = dir_bytes(dst)
-            if name.startswith("rewrite"):
+            r["out_bytes"] = dir_bytes(dst) if dst.exists() else 0
+            if name.startswith("rewrite "):
                 r["summary"] = json.loads(r["stdout"].strip().splitlines()[-1])
                 if rep == 0 and name == "rewrite 0.5":
                     check = run([py, "-m", "surgery", "verify", str(dst)], env)
@@ -280,13 +282,16 @@ def main() -> None:
 def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int, reps: int,
               loads: tuple[tuple[float, ...], tuple[float, ...]]) -> None:
     med = {k: statistics.median(r["wall"] for r in v) for k, v in results.items()}
-    inner = {k: statistics.median(r["summary"]["seconds"] for r in v) for k, v in results.items() if "rewrite" in k}
+    inner = {k: statistics.median(r["summary"]["seconds"] for r in v) for k, v in results.items()
+             if k.startswith("rewrite ")}
     rss = {k: max(r["maxrss_kb"] for r in v) / 1024 for k, v in results.items()}
     anon = {k: max(r["anon_kb"] for r in v) / 1024 for k, v in results.items()}
     out_b = {k: v[0]["out_bytes"] for k, v in results.items()}
     cp = med["cp -r"]
     ratio = med["rewrite 0.5"] / cp
-    peak = max(v for k, v in rss.items() if k != "cp -r")
+    peak = max(v for k, v in rss.items() if k.startswith("rewrite "))
+    ratio_inner = inner["rewrite 0.5"] / cp
+    startup = med["start-up only (surgery rewrite --help)"]
     lines = [
         "# Rewrite benchmark",
         "",
@@ -316,10 +321,20 @@ def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int
                      f"{out_b[k] / 1e9:.2f} GB | {sync_med:.2f} s | {rss[k]:.0f} MB | {anon[k]:.0f} MB |")
     lines += [
         "",
-        f"- Time ratio rewrite 0.5 / `cp -r`: **{ratio:.2f}x** (goal <= {GOAL_RATIO}x: "
-        f"{'met' if ratio <= GOAL_RATIO else 'NOT met'}).",
-        f"- Full copy through the rewrite (ratio 0.0) / `cp -r`: {med['rewrite 0.0 (full copy)'] / cp:.2f}x "
-        "(same bytes written: the per-byte overhead).",
+        f"- Time ratio rewrite 0.5 / `cp -r`, wall-clock with interpreter start-up: **{ratio:.2f}x** (goal <= "
+        f"{GOAL_RATIO}x: {'met' if ratio <= GOAL_RATIO else 'NOT met'}). Start-up alone (Python, torch, "
+        f"transformers, the CLI's modules) takes {startup:.2f} s here, a fixed cost that a real checkpoint "
+        "(hundreds of GB) does not notice.",
+        f"- Time ratio with the rewrite measured in-process (checkpoint open, plan validation, every shard "
+        f"written, hashed and fsynced, index, config): **{ratio_inner:.2f}x** (goal <= {GOAL_RATIO}x: "
+        f"{'met' if ratio_inner <= GOAL_RATIO else 'NOT met'}).",
+        f"- Full copy through the rewrite (ratio 0.0) / `cp -r`: {med['rewrite 0.0 (full copy)'] / cp:.2f}x wall, "
+        f"{inner['rewrite 0.0 (full copy)'] / cp:.2f}x in-process (same bytes written: the per-byte overhead). "
+        "Per byte the rewrite does more than `cp`: a SHA-256 of every byte it writes (on a second thread, for "
+        "the resume manifest) and an fsync of every shard (overlapped with the next shard). Without the "
+        f"SHA-256 (`SURGERY_BENCH_NO_HASH=1`, measurement only) the full copy takes "
+        f"{inner['rewrite 0.0 (full copy, no SHA-256)'] / cp:.2f}x in-process: on two busy cores the hash "
+        "competes with the copy for CPU.",
         f"- Peak memory of the rewrite process (ru_maxrss, interpreter and imports included): **{peak:.0f} MB** "
         f"(goal <= {GOAL_MB} MB: {'met' if peak <= GOAL_MB else 'NOT met'}); it does not grow with shard size "
         "(copies are kernel-side or 32 MB chunks; only router tensors are read into memory).",

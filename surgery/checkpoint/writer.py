@@ -20,7 +20,9 @@ hashlib releases the GIL), so the caller can record it for later verification at
 
 Test hook: `SURGERY_TEST_SLOW_WRITE=<seconds>` makes the writer sleep that long after each tensor,
 so a crash-safety test can kill the process in the middle of a shard. Nothing else reads it.
-`SURGERY_COPY_MODE=readwrite` forces the `pread`/`write` path (for benchmarks and tests).
+`SURGERY_COPY_MODE=readwrite` forces the `pread`/`write` path (for benchmarks and tests), and
+`SURGERY_BENCH_NO_HASH=1` skips the SHA-256 (sha256 is then None, and a resumed rewrite never reuses
+such a shard) so a benchmark can show what hashing costs.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ CHUNK_BYTES = 32 * 1024 * 1024  # bounds memory on the pread/write path and the 
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 SLOW_ENV = "SURGERY_TEST_SLOW_WRITE"
 COPY_MODE_ENV = "SURGERY_COPY_MODE"  # "auto" (default) or "readwrite"
+NO_HASH_ENV = "SURGERY_BENCH_NO_HASH"  # "1": no SHA-256 (benchmarks only; such shards are never reused)
 # errnos with which copy_file_range says "not here" (old kernel, cross-device, unsupported fs)
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP,
                        errno.EPERM, errno.EBADF}
@@ -164,6 +167,22 @@ class _Hasher:
         self._thread.join()
 
 
+class _NullHasher:
+    """Stands in for `_Hasher` under SURGERY_BENCH_NO_HASH=1, to measure what hashing costs."""
+
+    def add_bytes(self, data) -> None:
+        pass
+
+    def add_range(self, offset: int, length: int) -> None:
+        pass
+
+    def finish(self) -> None:
+        return None
+
+    def abandon(self) -> None:
+        pass
+
+
 class SafetensorsWriter:
     """Stream one safetensors file to `path` (via `path.partial`), tensor by tensor, in header order.
 
@@ -202,7 +221,8 @@ class SafetensorsWriter:
         self._left = self.entries[0].nbytes if self.entries else 0
         self._pos = 0
         self._fd: int | None = None
-        self._hasher: _Hasher | None = None
+        self._hasher: _Hasher | _NullHasher | None = None
+        self._finished = False
 
     # ---------------------------------------------------------------- lifecycle
     def __enter__(self) -> SafetensorsWriter:
@@ -218,7 +238,7 @@ class SafetensorsWriter:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._hasher = _Hasher(self._fd)
+        self._hasher = _NullHasher() if os.environ.get(NO_HASH_ENV) == "1" else _Hasher(self._fd)
         self._emit(self.header)
         self._skip_empty()
 
@@ -246,11 +266,12 @@ class SafetensorsWriter:
             self.abort()
             raise
         self.size, self.sha256 = self._pos, digest
+        self._finished = True
 
     def commit(self) -> None:
         """fsync, then rename `.partial` to the final name (and fsync the directory): only now does a
         file with the final name exist, and it is whole. Safe to run on another thread."""
-        assert self.sha256 is not None and self._fd is not None, "finish() first"
+        assert self._finished and self._fd is not None, "finish() first"
         try:
             if self._fsync:
                 os.fsync(self._fd)
