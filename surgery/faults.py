@@ -14,3 +14,12 @@ import signal
 def checkpoint(point: str) -> None:
     if os.environ.get("SURGERY_DIE_AT") == point:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def delay() -> None:
+    """`SURGERY_TEST_BATCH_DELAY=<seconds>` slows every batch, so a signal test can land mid-run."""
+    seconds = os.environ.get("SURGERY_TEST_BATCH_DELAY")
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))

@@ -51,6 +51,8 @@ def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOpt
     calibrator = Calibrator(model_dir, work, opts)
     saliency = calibrator.run(calibration_inputs(model_dir, data))
     summary = getattr(calibrator, "summary", None)
+    if not calibrator.ranks.main:
+        return saliency
     if summary:
         extra = f", peak GPU {summary['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in summary else ""
         console.print(

@@ -359,7 +359,8 @@ class Calibrator:
                             # of the compute it protects (the write itself runs behind the next layers)
                             if pending is not None:
                                 pending.result()
-                            every = max(1, math.ceil((time.perf_counter() - w0) / max(0.1 * compute, 1e-9)))
+                            every = ranks.agree_max(
+                                max(1, math.ceil((time.perf_counter() - w0) / max(0.1 * compute, 1e-9))))
                         durable = boundary  # written, or being written behind the compute
                 if pending is not None:
                     pending.result()

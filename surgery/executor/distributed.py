@@ -43,6 +43,15 @@ class Ranks:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item())
 
+    def agree_max(self, value: int) -> int:
+        """The largest of every rank's `value`, on every rank: decisions that lead to collective
+        operations (e.g. when to checkpoint) must be the same everywhere, or the ranks deadlock."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def gather(self, obj: object) -> list[object]:
         if self.world == 1:
             return [obj]

@@ -20,6 +20,7 @@ from surgery.arch.layer import LayerFactory
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
 from surgery.faults import checkpoint as crash_point
+from surgery.faults import delay as test_delay
 
 Batch = tuple[int, int]  # rows [start, stop) of the calibration set
 
@@ -105,6 +106,7 @@ class LayerStream:
             write((s, e), y)
             advance(int(m.sum()))
             crash_point(f"layer{layer}.batch{i}")
+            test_delay()
             if should_stop is not None and should_stop():
                 raise KeyboardInterrupt
 
