@@ -115,7 +115,7 @@ def quantize_fp8(src: str | Path, dst: str | Path, block: int = 128) -> Path:
         tensors = load_file(src / shard)
         out: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
-            quantize = t.ndim == 2 and name.endswith("proj.weight") or name.endswith((".w1.weight", ".w2.weight", ".w3.weight"))
+            quantize = t.ndim == 2 and name.endswith(("proj.weight", ".w1.weight", ".w2.weight", ".w3.weight"))
             quantize = quantize and ".gate." not in name and "embed" not in name and "lm_head" not in name
             if not quantize:
                 out[name] = t

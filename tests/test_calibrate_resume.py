@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import zarr
 
-
 DISK = ["--cache-budget", "0"]  # hidden states to zarr after every layer
 MEMORY = ["--checkpoint-every", "2"]  # hidden states in RAM, zarr checkpoint every 2 layers
 

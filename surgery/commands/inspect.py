@@ -29,7 +29,8 @@ def inspect_cmd(
     t = Table(show_header=False, box=None)
     rows = [
         ("architecture", f"{info['architecture']} (family {info['family']})"),
-        ("layers", f"{info['num_layers']}" + (f" (+ stored beyond: {info['extra_layers']})" if info["extra_layers"] else "")),
+        ("layers", f"{info['num_layers']}"
+         + (f" (+ stored beyond: {info['extra_layers']})" if info["extra_layers"] else "")),
         ("MoE layers", f"{layer_ranges(info['moe_layers'])} ({len(info['moe_layers'])})"),
         ("experts per MoE layer", f"{info['num_experts']} (config key {info['num_experts_key']})"),
         ("top-k", str(info["experts_per_token"])),
