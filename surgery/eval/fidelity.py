@@ -1,0 +1,275 @@
+"""Per-layer fidelity of pruned MoE blocks, without building a pruned model.
+
+For one MoE block and the tokens that reach it, `layer_fidelity` compares the block's routed output y
+(every expert available, the model's own router) with y' computed by the block as the pruned
+checkpoint will compute it: the router restricted to the kept rows (its weight, and every per-expert
+bias, sliced; its expert count set to the kept count) routes among the kept experts only, with the
+model's own scoring, bias, groups, renormalisation and scaling. The figure is ‖y − y'‖ / ‖y‖ over all
+real tokens (Frobenius), a cheap preview of which method and ratio hurt a layer least. Shared experts
+are left out: pruning never touches them, so they would only dilute the difference.
+
+`run_fidelity` (the `surgery fidelity` command) needs each MoE layer's input. A calibration run with
+`--keep-hidden` leaves `hidden_<l>` for every layer in `WORK/cache.zarr`, and those are used as they
+are; any layer input that is missing is recomputed by streaming from the calibration tokens (the
+embedding, then layer after layer, two layers of hidden states at a time in
+`WORK/fidelity/cache.zarr`). Either way only MoE blocks are measured and nothing is written besides
+`WORK/fidelity.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import shutil
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgery.arch.layer import LayerFactory
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.fingerprint import fingerprint
+from surgery.checkpoint.reader import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.executor.cache import HiddenCache
+from surgery.executor.calibrate import resolve_device
+from surgery.executor.progress import layer_progress
+from surgery.executor.stream import LayerStream
+from surgery.jsonio import read_json, write_json_atomic
+from surgery.saliency.observer import expert_output
+
+KeySet = tuple[str, float]
+
+
+# ---------------------------------------------------------------------------------------------- routing
+def _wants_block_bias(block: nn.Module) -> bool:
+    """MiniMax-M2 keeps e_score_correction_bias on the block and passes it to the router."""
+    return "e_score_correction_bias" in inspect.signature(block.gate.forward).parameters
+
+
+def _route(block: nn.Module, gate: nn.Module, x: torch.Tensor, block_bias: torch.Tensor | None):
+    out = gate(x, block_bias) if block_bias is not None else gate(x)
+    _, weights, index = out
+    return index, weights
+
+
+def sliced_router(block: nn.Module, keep: list[int]) -> tuple[nn.Module, torch.Tensor | None]:
+    """A copy of `block.gate` that knows only the experts `keep` (sorted: new id = position), as the
+    rewritten checkpoint's router: every parameter or buffer with one row per expert is sliced and
+    `num_experts` follows. Returns (router, the block-level bias sliced, if the router takes one).
+    The block and its router are not modified; expert weights are not copied."""
+    gate = block.gate
+    num = gate.weight.shape[0]
+    idx = torch.as_tensor(sorted(keep), dtype=torch.long, device=gate.weight.device)
+    if idx.numel() == 0 or len(set(idx.tolist())) != idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= num:
+        raise SurgeryError(f"keep set must be distinct expert ids in 0..{num - 1}, got {list(keep)[:8]}...")
+
+    def cut(t):
+        return t.index_select(0, idx) if t is not None and t.ndim and t.shape[0] == num else t
+
+    new = copy.copy(gate)  # shares nothing mutable below: the registries are replaced
+    new.__dict__["_parameters"] = {n: (nn.Parameter(cut(p.data), requires_grad=False) if p is not None else None)
+                                   for n, p in gate._parameters.items()}
+    new.__dict__["_buffers"] = {n: cut(b) for n, b in gate._buffers.items()}
+    new.__dict__["_modules"] = dict(gate._modules)
+    for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
+        if isinstance(getattr(gate, attr, None), int):
+            setattr(new, attr, idx.numel())
+    bias = cut(block.e_score_correction_bias) if _wants_block_bias(block) else None
+    return new, bias
+
+
+def _by_expert(index: torch.Tensor, weights: torch.Tensor, num: int):
+    """(token, weight) pairs of a routing sorted by expert, with each expert's slice bounds."""
+    flat = index.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tokens = torch.div(order, index.shape[1], rounding_mode="floor")
+    bounds = torch.cumsum(torch.bincount(flat, minlength=num), 0).tolist()
+    return tokens, weights.reshape(-1)[order], [0, *bounds]
+
+
+def routed_outputs(experts: nn.Module, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]],
+                   num: int) -> list[torch.Tensor]:
+    """Σ_slots w · E_j(x) (float32 [N, H]) for each routing (index in original expert ids [N, k], weights
+    [N, k]). Each expert runs once, on the union of the tokens any routing sends it, so measuring many
+    keep sets costs little more than one."""
+    outs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in routings]
+    parts = [_by_expert(index, weights, num) for index, weights in routings]
+    for j in range(num):
+        spans = [(tok[b[j]:b[j + 1]], w[b[j]:b[j + 1]]) for tok, w, b in parts]
+        if not any(t.numel() for t, _ in spans):
+            continue
+        union = torch.unique(torch.cat([t for t, _ in spans]))  # sorted
+        y = expert_output(experts, j, x[union]).float()
+        for out, (t, w) in zip(outs, spans, strict=True):
+            if t.numel():
+                out.index_add_(0, t, y[torch.searchsorted(union, t)] * w[:, None].float())
+    return outs
+
+
+@torch.no_grad()
+def layer_fidelity(block: nn.Module, x: torch.Tensor, keep_sets: dict[KeySet, list[int]]) -> dict:
+    """For MoE `block` and its input tokens x [N, H]: {(method, ratio): {"rel_error", "err_sq",
+    "ref_sq", "tokens"}} where rel_error = ‖y − y_pruned‖ / ‖y‖ of the routed output over all tokens.
+    The squared sums are returned too so batches can be added up (`combine`)."""
+    x = x.reshape(-1, x.shape[-1])
+    num = block.gate.weight.shape[0]
+    full_bias = block.e_score_correction_bias if _wants_block_bias(block) else None
+    routings = [_route(block, block.gate, x, full_bias)]
+    for keep in keep_sets.values():
+        ids = torch.as_tensor(sorted(keep), dtype=torch.long, device=x.device)
+        gate, bias = sliced_router(block, sorted(keep))
+        p_index, p_weights = _route(block, gate, x, bias)
+        routings.append((ids[p_index], p_weights))
+    y, *pruned = routed_outputs(block.experts, x, routings, num)
+    y = y.double()
+    ref_sq = float((y * y).sum())
+    out = {}
+    for key, yp in zip(keep_sets, pruned, strict=True):
+        diff = y - yp.double()
+        err_sq = float((diff * diff).sum())
+        out[key] = {"err_sq": err_sq, "ref_sq": ref_sq, "tokens": int(x.shape[0]),
+                    "rel_error": math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0}
+    return out
+
+
+def combine(total: dict, part: dict) -> dict:
+    """Add `part` (a layer_fidelity result) into `total`, in place; rel_error is recomputed."""
+    for key, r in part.items():
+        t = total.setdefault(key, {"err_sq": 0.0, "ref_sq": 0.0, "tokens": 0, "rel_error": 0.0})
+        t["err_sq"] += r["err_sq"]
+        t["ref_sq"] += r["ref_sq"]
+        t["tokens"] += r["tokens"]
+        t["rel_error"] = math.sqrt(t["err_sq"] / t["ref_sq"]) if t["ref_sq"] > 0 else 0.0
+    return total
+
+
+class FidelityObserver:
+    """Instruments a MoE block inside `LayerStream.run_layer`: the block's own output is unchanged, and
+    every forward adds `layer_fidelity` of its real tokens (`valid`) to `result`."""
+
+    def __init__(self, block: nn.Module, keep_sets: dict[KeySet, list[int]]) -> None:
+        self.block = block
+        self.keep_sets = keep_sets
+        self.result: dict = {}
+        self.valid: torch.Tensor | None = None
+        self._orig = block.experts.forward
+        observer = self
+
+        def experts_forward(module, hidden_states, top_k_index, top_k_weights):
+            valid = observer.valid if observer.valid is not None else torch.ones(hidden_states.shape[0],
+                                                                                  dtype=torch.bool)
+            xs = hidden_states[valid.to(hidden_states.device)]
+            if xs.shape[0]:
+                combine(observer.result, layer_fidelity(observer.block, xs, observer.keep_sets))
+            return observer._orig(hidden_states, top_k_index, top_k_weights)
+
+        block.experts.forward = types.MethodType(experts_forward, block.experts)
+
+    def detach(self) -> None:
+        self.block.experts.forward = self._orig
+
+
+# ---------------------------------------------------------------------------------------------- command
+class _SplitCache(HiddenCache):
+    """Reads hidden_<l> from the calibration cache where it kept it, else from this scratch cache; all
+    writes go to the scratch cache (the calibration cache is never modified)."""
+
+    def __init__(self, scratch: Path, source: HiddenCache) -> None:
+        super().__init__(scratch)
+        self.source = source
+
+    def hidden(self, layer: int):
+        return self.source.hidden(layer) if self.source.has_hidden(layer) else super().hidden(layer)
+
+
+def ratio_key(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir: Path | None = None,
+                 device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
+    """Fidelity of every MoE layer for each (method, ratio), from a finished calibration in WORK;
+    writes and returns WORK/fidelity.json. dtype and batch size are the calibration's."""
+    from surgery.plan import make_plan, n_keep_for
+
+    work = Path(work)
+    saliency = read_json(work / "saliency.json", "saliency (run `surgery calibrate` first)")
+    manifest = read_json(work / "manifest.json", "calibration manifest")
+    if not manifest.get("complete"):
+        raise SurgeryError("calibration is not complete; finish `surgery calibrate` first", work)
+    cache_path = work / "cache.zarr"
+    if not cache_path.exists():
+        raise SurgeryError("has no cache.zarr (the calibration tokens); recalibrate into this directory", work)
+    if not (model_dir or saliency.get("model_path")):
+        raise SurgeryError("saliency.json names no model_path; pass --model", work / "saliency.json")
+    model_dir = Path(model_dir or saliency["model_path"])
+    ckpt = Checkpoint(model_dir)
+    model = MoEModel(ckpt)
+    source_fp = fingerprint(ckpt)
+    if source_fp["sha256"] != manifest["inputs"]["model"]:
+        raise SurgeryError("is not the model this work directory was calibrated on", model_dir)
+    if not methods or not ratios:
+        raise SurgeryError("give at least one method and one ratio")
+    plans = {(m, r): make_plan(saliency, model, m, r, seed=seed) for m in methods for r in ratios}
+    keep = {layer: {key: plan["layers"][str(layer)]["keep"] for key, plan in plans.items()}
+            for layer in model.moe_layers}
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+        manifest["inputs"]["options"]["dtype"]]
+    batch_size = int(manifest["inputs"]["options"]["batch_size"])
+    source = HiddenCache(cache_path)
+    ids, mask = source.tokens()
+    scratch_path = work / "fidelity" / "cache.zarr"
+    shutil.rmtree(scratch_path, ignore_errors=True)
+    cache = _SplitCache(scratch_path, source)
+    stream = LayerStream(LayerFactory(model, dtype, resolve_device(device)), cache, batch_size)
+
+    moe = set(model.moe_layers)
+    last = max(moe)
+    run = {last: True}
+    for layer in range(last - 1, -1, -1):
+        run[layer] = layer in moe or (run[layer + 1] and not source.has_hidden(layer + 1))
+    streamed = [layer for layer in range(last + 1) if run[layer] and not source.has_hidden(layer)]
+    results: dict[int, dict] = {}
+    try:
+        if run[0] and not source.has_hidden(0):
+            stream.embed(ids)
+        todo = [layer for layer in range(last + 1) if run[layer]]
+        with layer_progress(len(todo), int(mask.sum()), enabled=progress) as bar:
+            for i, layer in enumerate(todo):
+                bar.start_layer(i)
+                sets = keep.get(layer)
+                observer = stream.run_layer(layer, mask, bar.advance,
+                                            (lambda block, s=sets: FidelityObserver(block, s)) if sets else None)
+                if observer is not None:
+                    results[layer] = observer.result
+                cache.delete_hidden(layer)
+                if not (layer < last and run[layer + 1] and not source.has_hidden(layer + 1)):
+                    cache.delete_hidden(layer + 1)
+    finally:
+        shutil.rmtree(work / "fidelity", ignore_errors=True)
+        ckpt.close()
+    rkeys = [ratio_key(r) for r in ratios]
+    layers_out = {str(layer): {m: {ratio_key(r): results[layer][(m, r)]["rel_error"] for r in ratios}
+                               for m in methods} for layer in sorted(results)}
+    mean = {m: {rk: float(np.mean([layers_out[k][m][rk] for k in layers_out])) for rk in rkeys} for m in methods}
+
+    out = {
+        "model": source_fp,
+        "model_path": str(model_dir.resolve()),
+        "tokens": int(mask.sum()),
+        "metric": "||y - y_pruned|| / ||y|| of the routed expert output, real calibration tokens",
+        "hidden_source": "streamed" if streamed else "kept",
+        "streamed_layers": streamed,
+        "methods": list(methods),
+        "ratios": [float(r) for r in ratios],
+        "n_keep": {ratio_key(r): n_keep_for(model.num_experts, r) for r in ratios},
+        "num_experts": model.num_experts,
+        "layers": layers_out,
+        "mean": mean,
+    }
+    write_json_atomic(work / "fidelity.json", out)
+    return out
