@@ -23,7 +23,7 @@ def _root() -> None:
 
 
 COMMAND_MODULES = (
-    "inspect", "calibrate", "plan", "rewrite", "prune", "verify", "eval", "data", "demo",
+    "inspect", "calibrate", "plan", "rewrite", "prune", "verify", "eval", "fidelity", "report", "data", "demo",
 )
 
 

@@ -6,7 +6,9 @@ makes `surgery prune` resumable as a whole.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import shlex
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -44,12 +46,18 @@ def calibration_inputs(model_dir: Path, data: DataOptions) -> CalibrationInputs:
         console.print("[yellow]No --dataset given: using the built-in generic corpus (Python stdlib code, "
                       "docs, tool calls). Domain-matched calibration data prunes better.[/yellow]")
     settings = {"samples": data.samples, "max_length": data.max_length, "seed": data.seed, "pack": data.pack}
-    return CalibrationInputs(calib.input_ids, calib.attention_mask, dict(calib.spec_hashes), settings)
+    return CalibrationInputs(calib.input_ids, calib.attention_mask, dict(calib.spec_hashes), settings,
+                             [asdict(c) for c in calib.categories])
 
 
 def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOptions) -> dict:
     calibrator = Calibrator(model_dir, work, opts)
-    saliency = calibrator.run(calibration_inputs(model_dir, data))
+    inputs = calibration_inputs(model_dir, data)
+    saliency = calibrator.run(inputs)
+    if calibrator.ranks.main and inputs.categories is not None:
+        from surgery.jsonio import write_json_atomic
+
+        write_json_atomic(work / "data.json", {"categories": inputs.categories})
     summary = getattr(calibrator, "summary", None)
     if not calibrator.ranks.main:
         return saliency
@@ -88,5 +96,13 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
                       f"{len(plan['layers'])} MoE layers -> {plan_path}")
     rewrite_checkpoint(model_dir, plan, out, progress=progress)
     report = verify_checkpoint(out)
-    console.print(f"[green]pruned checkpoint verified:[/green] {out}")
+    from surgery.report import write_model_card
+
+    evaluation = read_json(work / "eval.json", "evaluation") if (work / "eval.json").is_file() else None
+    calibration = read_json(work / "manifest.json", "manifest")
+    if (work / "data.json").is_file():
+        calibration["categories"] = read_json(work / "data.json", "data report")["categories"]
+    write_model_card(out, model_dir, plan, saliency, command="surgery " + shlex.join(sys.argv[1:]),
+                     eval=evaluation, calibration=calibration)
+    console.print(f"[green]pruned checkpoint verified:[/green] {out} (model card: {out / 'README.md'})")
     return report

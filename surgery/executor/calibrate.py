@@ -113,6 +113,7 @@ class CalibrationInputs:
     attention_mask: np.ndarray
     datasets: dict[str, str]  # spec -> content hash
     settings: dict  # samples, max_length, seed, pack ...
+    categories: list[dict] | None = None  # per-dataset documents/tokens (reported, not identity)
 
 
 class Calibrator:
