@@ -29,7 +29,7 @@ def summarize(model: MoEModel) -> dict:
         if name.endswith("weight_scale_inv"):
             scales += 1
         role = model.classify(name)
-        if role.kind == "expert":
+        if role.kind in ("expert", "fused"):
             expert_bytes[role.layer] += info.nbytes
         elif role.kind == "router":
             router_bytes[role.layer] += info.nbytes

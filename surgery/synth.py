@@ -39,6 +39,12 @@ TINY: dict[str, dict] = {
                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2,
                         topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32,
                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16),
+    "ernie4_5_moe": dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, moe_num_experts=8, moe_k=2,
+                         moe_num_shared_experts=1, moe_layer_start_index=1),
+    "gpt_oss": dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                    sliding_window=6, layer_types=["sliding_attention", "full_attention"]),
 }
 COMMON = dict(vocab_size=256, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
               tie_word_embeddings=False)

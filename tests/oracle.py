@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -115,17 +115,23 @@ def moe_blocks(model: nn.Module) -> dict[int, nn.Module]:
     return {
         i: layer.mlp
         for i, layer in enumerate(model.model.layers)
-        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")
+        if (hasattr(layer.mlp, "gate") or hasattr(layer.mlp, "router")) and hasattr(layer.mlp, "experts")
     }
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    """The block's router: `gate` in most families, `router` in gpt-oss."""
+    return block.gate if hasattr(block, "gate") else block.router
 
 
 def _router_call(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`block.gate(x)` -> (router_logits, top_k_weights, top_k_index), passing the block's
     `e_score_correction_bias` where the router's signature asks for it (MiniMax-M2)."""
-    params = inspect.signature(block.gate.forward).parameters
+    router = router_of(block)
+    params = inspect.signature(router.forward).parameters
     if "e_score_correction_bias" in params:
-        return block.gate(x, block.e_score_correction_bias)
-    return block.gate(x)
+        return router(x, block.e_score_correction_bias)
+    return router(x)
 
 
 def route(block: nn.Module, x: torch.Tensor, routing: str = "model") -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +154,13 @@ def route(block: nn.Module, x: torch.Tensor, routing: str = "model") -> tuple[to
 
 
 def expert_output(experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
-    """Expert j on tokens x [N, H], from the fused parameters, in the parameters' dtype."""
+    """Expert j on tokens x [N, H], from the fused parameters, in the parameters' dtype.
+
+    gpt-oss keeps [E, in, out] weights, per-expert biases and its own clamped, interleaved gating
+    (`_apply_gate`, as its experts forward uses it); the others [E, out, in] and SwiGLU."""
+    if "GptOss" in type(experts).__name__:
+        h = x @ experts.gate_up_proj[j] + experts.gate_up_proj_bias[j]
+        return experts._apply_gate(h) @ experts.down_proj[j] + experts.down_proj_bias[j]
     gate, up = (x @ experts.gate_up_proj[j].T).chunk(2, dim=-1)
     return (experts.act_fn(gate) * up) @ experts.down_proj[j].T
 
@@ -259,10 +271,13 @@ def prune_in_memory(model: nn.Module, keep: dict[int, Sequence[int]]) -> nn.Modu
         idx = torch.as_tensor(list(kept), dtype=torch.long)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= old or len(set(idx.tolist())) != len(idx):
             raise ValueError(f"layer {i}: keep must be distinct expert indices in [0, {old})")
-        for module in (block, block.gate, block.experts):
+        routed = [m for name, m in block.named_modules() if "shared" not in name]
+        for module in routed:
             for name, p in list(module.named_parameters(recurse=False)):
                 if p.ndim and p.shape[0] == old:
                     setattr(module, name, nn.Parameter(p.data[idx].clone(), requires_grad=p.requires_grad))
+                elif p.ndim == 2 and p.shape == (1, old):  # ERNIE's [1, E] correction bias
+                    setattr(module, name, nn.Parameter(p.data[:, idx].clone(), requires_grad=p.requires_grad))
             for name, b in list(module.named_buffers(recurse=False)):
                 if b is not None and b.ndim and b.shape[0] == old:
                     setattr(module, name, b[idx].clone())

@@ -93,7 +93,7 @@ def test_inspect_every_family(tiny_checkpoint, family: str) -> None:
     assert info["moe_layers"] == layers
     assert info["num_experts"] == experts
     assert info["num_experts_key"] in config and config[info["num_experts_key"]] == experts
-    assert info["experts_per_token"] == config["num_experts_per_tok"]
+    assert info["experts_per_token"] == config.get("num_experts_per_tok", config.get("moe_k"))
     assert info["num_layers"] == config["num_hidden_layers"]
     assert config["architectures"] == [info["architecture"]]
     by_tensor = sizes(directory)

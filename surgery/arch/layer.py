@@ -132,6 +132,6 @@ class LayerFactory:
 
     def moe_block(self, module: nn.Module) -> nn.Module | None:
         block = getattr(module, self.model.spec.moe_module, None)
-        if block is not None and hasattr(block, "experts") and hasattr(block, "gate"):
+        if block is not None and hasattr(block, "experts") and hasattr(block, self.model.spec.router_module):
             return block
         return None

@@ -14,12 +14,14 @@ from surgery.errors import SurgeryError
 
 @dataclass(frozen=True)
 class TensorRole:
-    """What a tensor is to the pruner: `expert` (layer, expert), `router` (layer), or `other`."""
+    """What a tensor is to the pruner: `expert` (one expert's tensor: layer, expert), `router` or
+    `fused` (an [.., E, ..] tensor of a layer, sliced along `axis` to the kept experts), or `other`."""
 
     kind: str
     layer: int | None = None
     expert: int | None = None
     rest: str = ""  # the part of the name after the expert index (e.g. "w1.weight_scale_inv")
+    axis: int = 0  # the expert axis of a router or fused tensor
 
 
 def find_spec(config: dict, where: object) -> ArchSpec:
@@ -54,6 +56,9 @@ class MoEModel:
         self._expert_re = re.compile(f"^{moe_re}{expert_re}(\\d+)\\.(.+)$")
         router_names = "|".join(re.escape(n) for n in (spec.router_weight, *spec.router_biases))
         self._router_re = re.compile(f"^{moe_re}(?:{router_names})$")
+        self._bias_re = re.compile(f"^{moe_re}(?:{'|'.join(re.escape(n) for n in spec.router_biases) or '$^'})$")
+        fused = "|".join(re.escape(n) for n in spec.fused_on_disk) or "$^"
+        self._fused_re = re.compile(f"^{moe_re}(?:{fused})$")
 
     @cached_property
     def hf_config(self):
@@ -80,11 +85,11 @@ class MoEModel:
         mlp_only = set(self.cfg_value(spec.mlp_only_key, []) or [])
         step = int(self.cfg_value(spec.sparse_step_key, 1) or 1)
         start = int(self.cfg_value(spec.start_key, 0))
-        interval = int(self.cfg_value(spec.interval_key, 1) or 1)
+        end = int(self.cfg_value(spec.end_key, self.num_layers - 1))
+        end = self.num_layers - 1 if end < 0 else end
         return [
             i for i in range(self.num_layers)
-            if i >= first_dense and i not in mlp_only and (i + 1) % step == 0
-            and i >= start and (i - start) % interval == 0
+            if first_dense <= i and start <= i <= end and i not in mlp_only and (i + 1) % step == 0
         ]
 
     def layer_prefix(self, layer: int) -> str:
@@ -115,8 +120,19 @@ class MoEModel:
             return TensorRole("expert", int(m.group(1)), int(m.group(2)), m.group(3))
         m = self._router_re.match(name)
         if m:
-            return TensorRole("router", int(m.group(1)))
+            axis = self.spec.router_bias_axis if self._bias_re.match(name) else 0
+            return TensorRole("router", int(m.group(1)), axis=axis)
+        m = self._fused_re.match(name)
+        if m:
+            return TensorRole("fused", int(m.group(1)))
         return TensorRole("other")
+
+    def check_supported(self) -> None:
+        """Refuse, in one line, a variant of a known family that we cannot operate on."""
+        for suffix, why in self.spec.unsupported_suffixes:
+            hit = next((n for n in self.ckpt.tensors if n.endswith(suffix)), None)
+            if hit is not None:
+                raise SurgeryError(f"{self.spec.family}: {why} (tensor {hit!r})", self.ckpt.directory)
 
     def beyond_layers(self) -> list[int]:
         """Layer indices stored in the checkpoint at or past num_hidden_layers (MTP modules)."""

@@ -41,6 +41,12 @@ class ArchSpec:
     routing: Routing
     router_weight: str = "gate.weight"  # relative to the MoE prefix, [E, H]
     router_biases: tuple[str, ...] = ()  # relative to the MoE prefix, [E], follow the kept rows
+    router_bias_axis: int = 0  # the expert axis of the router biases (ERNIE stores [1, E])
+    router_module: str = "gate"  # attribute of the transformers MoE block holding the router
+    # [E, ...] expert tensors stored fused on disk (gpt-oss), relative to the MoE prefix; sliced on axis 0
+    fused_on_disk: tuple[str, ...] = ()
+    experts_transposed: bool = False  # fused in-memory weights are [E, in, out] (x @ W), not [E, out, in]
+    unsupported_suffixes: tuple[tuple[str, str], ...] = ()  # (tensor-name suffix, why we refuse)
     expert_key: str = "experts.{expert}.{proj}"  # relative to the MoE prefix; tensors below it follow
     shared_experts: tuple[str, ...] = ()  # prefixes relative to the MoE prefix; never pruned
     # (on-disk substring, in-memory substring) for layer-relative keys transformers renames on load
@@ -52,7 +58,7 @@ class ArchSpec:
     mlp_only_key: str | None = None  # explicit list of dense layers
     sparse_step_key: str | None = None  # MoE every n-th layer ((i + 1) % n == 0)
     start_key: str | None = None  # first MoE layer index (ERNIE: moe_layer_start_index)
-    interval_key: str | None = None  # MoE interval from the start (ERNIE: moe_layer_interval)
+    end_key: str | None = None  # last MoE layer index (ERNIE: moe_layer_end_index)
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
@@ -154,6 +160,48 @@ TABLE: tuple[ArchSpec, ...] = (
         router_biases=("gate.e_score_correction_bias",),
         shared_experts=("shared_experts.",),
         first_dense_key="first_k_dense_replace",
+    ),
+)
+
+TABLE = TABLE + (
+    ArchSpec(
+        family="ernie4_5_moe",
+        architectures=("Ernie4_5_MoeForCausalLM",),
+        model_type="ernie4_5_moe",
+        num_experts_keys=("moe_num_experts",),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections=SWIGLU_PROJ,
+        routing=Routing(scoring="softmax", bias_for_choice=True, renormalize=True),
+        router_biases=("moe_statics.e_score_correction_bias",),
+        router_bias_axis=1,
+        shared_experts=("shared_experts.",),
+        disk_to_memory=((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
+        sparse_step_key="moe_layer_interval",
+        start_key="moe_layer_start_index",
+        end_key="moe_layer_end_index",
+        top_k_key="moe_k",
+        notes=("e_score_correction_bias is [1, E] (one group) and follows its experts along axis 1",),
+    ),
+    ArchSpec(
+        family="gpt_oss",
+        architectures=("GptOssForCausalLM",),
+        model_type="gpt_oss",
+        num_experts_keys=("num_local_experts", "num_experts"),
+        moe_disk="mlp",
+        moe_module="mlp",
+        projections={},
+        routing=Routing(scoring="softmax", renormalize=True),
+        router_weight="router.weight",
+        router_biases=("router.bias",),
+        router_module="router",
+        fused_on_disk=("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj",
+                       "experts.down_proj_bias"),
+        experts_transposed=True,
+        unsupported_suffixes=(("_blocks", "MXFP4 expert weights: dequantise the release to bf16 first "
+                               "(transformers Mxfp4Config(dequantize=True)); MXFP4 surgery is not supported"),),
+        notes=("experts are stored fused on disk ([E, ...], interleaved gate/up, per-expert biases); "
+               "softmax over the top-k router logits",),
     ),
 )
 

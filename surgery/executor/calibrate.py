@@ -123,6 +123,7 @@ class Calibrator:
         self.opts = opts
         self.ckpt = Checkpoint(self.model_dir)
         self.model = MoEModel(self.ckpt)
+        self.model.check_supported()
         self.fingerprint = fingerprint(self.ckpt)
         self.ranks: Ranks = init_ranks(opts.device)
         self.device = resolve_device(opts.device)
@@ -298,7 +299,7 @@ class Calibrator:
         pending: Future | None = None
         every = opts.checkpoint_every or (1 if opts.keep_hidden else None)
         durable = None if fresh else completed  # last boundary on disk
-        num_experts, routing = self.model.num_experts, opts.routing
+        num_experts, routing, spec = self.model.num_experts, opts.routing, self.model.spec
         n_layers = self.model.num_layers
         real_tokens = int(mask.sum())
 
@@ -318,7 +319,8 @@ class Calibrator:
                         factory.prefetch(layer + 1)
                     self.timings["load_wait"] += time.perf_counter() - t0
                     block = factory.moe_block(module)
-                    observer = SaliencyObserver(block, num_experts, routing) if block is not None else None
+                    observer = SaliencyObserver(block, num_experts, routing, spec.router_module,
+                                                spec.experts_transposed) if block is not None else None
                     t0 = time.perf_counter()
                     try:
                         if memory:

@@ -23,17 +23,19 @@ from torch import nn
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")
 
 
-def expert_output(experts: nn.Module, j: int, x: torch.Tensor) -> torch.Tensor:
-    """E_j(x) for the fused-parameter experts of transformers 5 (any has_bias / is_transposed)."""
-    transposed = getattr(experts, "is_transposed", False)
+def expert_output(experts: nn.Module, j: int, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """E_j(x) for the fused-parameter experts of transformers 5: [E, out, in] weights (F.linear), or
+    [E, in, out] (`transposed`, gpt-oss), optional per-expert biases, the module's own gating."""
+    transposed = transposed or getattr(experts, "is_transposed", False)
+    has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
     w = experts.gate_up_proj[j]
     h = x @ w if transposed else F.linear(x, w)
-    if getattr(experts, "has_bias", False):
+    if has_bias:
         h = h + experts.gate_up_proj_bias[j]
     h = experts._apply_gate(h) if hasattr(experts, "_apply_gate") else _swiglu(experts, h)
     w2 = experts.down_proj[j]
     y = h @ w2 if transposed else F.linear(h, w2)
-    if getattr(experts, "has_bias", False):
+    if has_bias:
         y = y + experts.down_proj_bias[j]
     return y
 
@@ -94,17 +96,20 @@ class LayerStats:
 class SaliencyObserver:
     """Instruments one MoE block; `valid` (bool [N]) must be set before each forward."""
 
-    def __init__(self, block: nn.Module, num_experts: int, routing: str = "model") -> None:
+    def __init__(self, block: nn.Module, num_experts: int, routing: str = "model", router_attr: str = "gate",
+                 transposed: bool = False) -> None:
         if routing not in ("model", "reference"):
             raise ValueError(f"unknown routing {routing!r}")
         self.block = block
+        self.router = getattr(block, router_attr)
+        self.transposed = transposed
         self.experts = block.experts
         self.num_experts = num_experts
         self.routing = routing
         self.stats = LayerStats(num_experts)
         self.valid: torch.Tensor | None = None
         self._router_logits: torch.Tensor | None = None
-        self._orig_gate_forward = block.gate.forward
+        self._orig_gate_forward = self.router.forward
         self._orig_experts_forward = block.experts.forward
         observer = self
 
@@ -113,14 +118,14 @@ class SaliencyObserver:
             observer._router_logits = out[0]
             return out
 
-        def experts_forward(module, hidden_states, top_k_index, top_k_weights):
+        def experts_forward(module, hidden_states, top_k_index=None, top_k_weights=None):
             return observer._forward(hidden_states, top_k_index, top_k_weights)
 
-        block.gate.forward = types.MethodType(gate_forward, block.gate)
+        self.router.forward = types.MethodType(gate_forward, self.router)
         block.experts.forward = types.MethodType(experts_forward, block.experts)
 
     def detach(self) -> None:
-        self.block.gate.forward = self._orig_gate_forward
+        self.router.forward = self._orig_gate_forward
         self.block.experts.forward = self._orig_experts_forward
 
     @torch.no_grad()
@@ -142,7 +147,7 @@ class SaliencyObserver:
             tokens = token_of[start:start + n]
             w = weight_of[start:start + n]
             start += n
-            y = expert_output(self.experts, j, x[tokens])
+            y = expert_output(self.experts, j, x[tokens], self.transposed)
             if record:
                 keep = valid[tokens]
                 self.stats.add(j, y[keep], w[keep])
@@ -154,7 +159,7 @@ class SaliencyObserver:
     def _record_reference(self, x: torch.Tensor, valid: torch.Tensor) -> None:
         """CerebrasResearch/reap's rule: top-k of raw logits, softmax weights renormalised over top-k."""
         logits = self._router_logits.reshape(x.shape[0], -1).float()
-        k = self.block.gate.top_k if hasattr(self.block.gate, "top_k") else self.block.top_k
+        k = self.router.top_k if hasattr(self.router, "top_k") else self.block.top_k
         probs = torch.softmax(logits, dim=-1)
         top_w, top_i = torch.topk(logits, k, dim=-1)
         g = probs.gather(1, top_i)
@@ -163,4 +168,4 @@ class SaliencyObserver:
         for j in range(self.num_experts):
             rows, slots = torch.where(top_i == j)
             if rows.numel():
-                self.stats.add(j, expert_output(self.experts, j, xv[rows]), g[rows, slots])
+                self.stats.add(j, expert_output(self.experts, j, xv[rows], self.transposed), g[rows, slots])
