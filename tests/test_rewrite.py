@@ -22,30 +22,12 @@ from surgery.plan import kept_map, make_plan, plan_hash
 from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
 from surgery.rewrite.run import MANIFEST
 from surgery.synth import FAMILIES
+from tests.oracle import prune_in_memory  # the in-memory oracle: slices every routed-expert tensor
 
 
 def random_plan(model_dir: Path, ratio: float = 0.5, seed: int = 3) -> dict:
     with Checkpoint(model_dir) as ckpt:
         return make_plan({}, MoEModel(ckpt), "random", ratio, seed=seed)
-
-
-def prune_in_memory(model: torch.nn.Module, keep: dict[int, list[int]]) -> None:
-    """The oracle: slice the fused experts, the router and its bias, and set the modules' counts (the
-    attributes the transformers modules read: `gate.num_experts`, `experts.num_experts`)."""
-    for layer, ids in keep.items():
-        idx = torch.tensor(sorted(ids))
-        mlp = model.model.layers[layer].mlp
-        experts, gate = mlp.experts, mlp.gate
-        experts.gate_up_proj = torch.nn.Parameter(experts.gate_up_proj.data[idx].clone())
-        experts.down_proj = torch.nn.Parameter(experts.down_proj.data[idx].clone())
-        gate.weight = torch.nn.Parameter(gate.weight.data[idx].clone())
-        for holder in (mlp, gate):  # MiniMax keeps the bias on the block, GLM/DeepSeek on the router
-            if getattr(holder, "e_score_correction_bias", None) is not None:
-                holder.e_score_correction_bias = holder.e_score_correction_bias[idx].clone()
-        for module in (gate, experts):
-            for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
-                if hasattr(module, attr):
-                    setattr(module, attr, len(idx))
 
 
 def check_bytes(model_dir: Path, out: Path, plan: dict) -> None:
@@ -67,9 +49,10 @@ def check_bytes(model_dir: Path, out: Path, plan: dict) -> None:
             if role.kind == "expert":
                 old = name.replace(f".experts.{role.expert}.", f".experts.{back[role.layer][role.expert]}.")
                 assert dst.read_bytes(info) == src.read_bytes(src.info(old)), name
-            elif role.kind == "router":
-                rows = sorted(keep[role.layer])
-                assert torch.equal(dst.read(name).view(torch.uint8), src.read(name)[rows].view(torch.uint8)), name
+            elif role.kind in ("router", "fused"):  # the kept experts along the tensor's expert axis
+                rows = torch.tensor(sorted(keep[role.layer]))
+                want = torch.index_select(src.read(name), role.axis, rows)
+                assert torch.equal(dst.read(name).view(torch.uint8), want.contiguous().view(torch.uint8)), name
                 assert info.dtype == src.info(name).dtype
             else:
                 assert dst.read_bytes(info) == src.read_bytes(src.info(name)), name

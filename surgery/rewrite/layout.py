@@ -23,11 +23,13 @@ from surgery.plan.core import kept_map
 @dataclass(frozen=True)
 class OutTensor:
     """One output tensor and where its bytes come from: a byte copy (`rows is None`) or the listed
-    rows of the source's first dimension, in that order."""
+    indices of the source's expert axis `axis` (router rows, ERNIE's [1, E] bias, fused [E, ...]
+    expert tensors), in that order."""
 
     entry: TensorEntry
     source: TensorInfo
     rows: tuple[int, ...] | None = None
+    axis: int = 0
 
 
 @dataclass
@@ -108,16 +110,18 @@ def plan_layout(model: MoEModel, plan: dict) -> list[OutShard]:
                     continue
                 name = _expert_name(model, role.layer, new, role.rest)
                 shard.tensors.append(OutTensor(TensorEntry(name, info.dtype, info.shape), info))
-            elif role.kind == "router":
+            elif role.kind in ("router", "fused"):
                 if role.layer not in moe:
-                    raise SurgeryError(f"router tensor {info.name!r} is in layer {role.layer}, which is not a "
+                    raise SurgeryError(f"{role.kind} tensor {info.name!r} is in layer {role.layer}, which is not a "
                                        "MoE layer by config.json", ckpt.directory)
-                if not info.shape or info.shape[0] != num_experts:
-                    raise SurgeryError(f"router tensor {info.name!r} has shape {list(info.shape)}; expected "
-                                       f"{num_experts} rows", ckpt.directory)
+                if len(info.shape) <= role.axis or info.shape[role.axis] != num_experts:
+                    raise SurgeryError(f"{role.kind} tensor {info.name!r} has shape {list(info.shape)}; expected "
+                                       f"{num_experts} experts along axis {role.axis}", ckpt.directory)
                 rows = tuple(sorted(keep[role.layer]))
-                shape = (len(rows), *info.shape[1:])
-                shard.tensors.append(OutTensor(TensorEntry(info.name, info.dtype, shape), info, rows))
+                shape = list(info.shape)
+                shape[role.axis] = len(rows)
+                shard.tensors.append(OutTensor(TensorEntry(info.name, info.dtype, tuple(shape)), info, rows,
+                                               role.axis))
             else:
                 if router_prefixes and info.name.startswith(router_prefixes):
                     raise SurgeryError(f"tensor {info.name!r} belongs to a router but the architecture table "

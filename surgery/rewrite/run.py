@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import time
@@ -115,12 +116,20 @@ def _shard_ok(path: Path, record: dict, expected_size: int) -> bool:
 
 
 def _router_rows(ckpt: Checkpoint, t: OutTensor) -> bytearray:
-    """The kept rows of a router tensor, in the new order, as raw bytes of the tensor's own dtype."""
+    """The kept experts of a router or fused tensor along its expert axis, in the new order, as raw
+    bytes of the tensor's own dtype (the tensor viewed as [outer, E, inner] bytes: no dtype round trip)."""
     data = ckpt.read_bytes(t.source)
-    row = t.source.nbytes // t.source.shape[0]
-    out = bytearray(row * len(t.rows))
-    for i, r in enumerate(t.rows):
-        out[i * row:(i + 1) * row] = data[r * row:(r + 1) * row]
+    shape = t.source.shape
+    outer = math.prod(shape[:t.axis])
+    row = t.source.nbytes // (outer * shape[t.axis])  # bytes of one expert's slice within one outer index
+    block = row * shape[t.axis]
+    out = bytearray(outer * row * len(t.rows))
+    pos = 0
+    for o in range(outer):
+        for r in t.rows:
+            start = o * block + r * row
+            out[pos:pos + row] = data[start:start + row]
+            pos += row
     return out
 
 

@@ -48,15 +48,24 @@ def verify_checkpoint(out_dir: str | Path) -> dict:
                 if role.layer not in moe and role.layer < model.num_layers:
                     _fail(f"tensor {name!r} is an expert's but layer {role.layer} is not a MoE layer", where)
                 experts[role.layer][role.expert][role.rest] = (info.dtype, info.shape)
-            elif role.kind == "router" and (not info.shape or info.shape[0] != n):
-                _fail(f"router tensor {name!r} has shape {list(info.shape)}; config.json says {n} experts", where)
+            elif role.kind in ("router", "fused") and (len(info.shape) <= role.axis or info.shape[role.axis] != n):
+                _fail(f"{role.kind} tensor {name!r} has shape {list(info.shape)}; config.json says {n} experts",
+                      where)
         for layer in sorted(moe):
             router = model.router_weight_name(layer)
             if router not in ckpt:
                 _fail(f"MoE layer {layer} has no router weight {router!r}", where)
+            axis = model.spec.router_bias_axis
             for bias in model.router_bias_names(layer):
-                if ckpt.info(bias).shape[:1] != (n,):
-                    _fail(f"router bias {bias!r} has shape {list(ckpt.info(bias).shape)}; expected [{n}]", where)
+                shape = ckpt.info(bias).shape
+                if len(shape) <= axis or shape[axis] != n:
+                    _fail(f"router bias {bias!r} has shape {list(shape)}; expected {n} experts on axis {axis}", where)
+            if model.spec.fused_on_disk:  # experts stored as [E, ...] tensors: all present, E checked above
+                for rel in model.spec.fused_on_disk:
+                    if model.moe_prefix(layer) + rel not in ckpt:
+                        _fail(f"MoE layer {layer} has no fused expert tensor {model.moe_prefix(layer) + rel!r}",
+                              where)
+                continue
             have = experts.get(layer, {})
             missing = sorted(set(range(n)) - set(have))
             if missing:
