@@ -61,10 +61,32 @@ def routing_problem(model: MoEModel, n_keep: int) -> str | None:
     return None
 
 
-def _ranking(scores: list[float], n_keep: int) -> list[int]:
-    """The n_keep highest scores, ties toward the lower index, returned in original order."""
-    order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
-    return sorted(order[:n_keep])
+def _ranking(scores: list[float], n_keep: int, n_group: int = 1) -> list[int]:
+    """The n_keep highest scores, ties toward the lower index, returned in original order.
+
+    With group-limited routing (n_group > 1) the router views the experts as n_group contiguous
+    groups of equal size, so each group keeps its own n_keep / n_group best: kept experts stay in
+    their groups, in order, and the pruned router's groups are the original groups minus the dropped
+    experts (routing among kept experts is otherwise unchanged)."""
+    size = len(scores) // n_group
+    kept: list[int] = []
+    for g in range(n_group):
+        ids = range(g * size, (g + 1) * size)
+        kept += sorted(ids, key=lambda e: (-scores[e], e))[:n_keep // n_group]
+    return sorted(kept)
+
+
+def group_imbalance(model: MoEModel, keep: list[int]) -> str | None:
+    """Why a kept set breaks group-limited routing (unequal counts per group), or None."""
+    n_group = model.routing_facts().get("n_group", 1)
+    if n_group <= 1:
+        return None
+    size = model.num_experts // n_group
+    per = [sum(1 for e in keep if e // size == g) for g in range(n_group)]
+    if len(set(per)) > 1:
+        return (f"keeps {per} experts in its {n_group} routing groups; group-limited routing needs the same "
+                "count in every group")
+    return None
 
 
 def _random_scores(seed: int, layer: int, num_experts: int) -> list[float]:
@@ -123,7 +145,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: 
                 raise SurgeryError(f"saliency {method!r} of layer {layer} holds a non-number") from None
             if any(math.isnan(s) for s in scores):
                 raise SurgeryError(f"saliency {method!r} of layer {layer} holds NaN (calibration diverged?)")
-        keep = _ranking(scores, n_keep)
+        keep = _ranking(scores, n_keep, model.routing_facts().get("n_group", 1))
         kept = set(keep)
         plan_layers[str(layer)] = {"keep": keep, "drop": [e for e in range(num_experts) if e not in kept]}
     plan: dict = {"method": method, "ratio": ratio}
@@ -197,6 +219,9 @@ def validate_plan(plan: dict, model: MoEModel) -> None:
             raise SurgeryError(f"plan: layer {layer} neither keeps nor drops expert(s) {unlisted} "
                                f"(keep and drop together must list all {num_experts})")
         counts[layer] = len(keep)
+        uneven = group_imbalance(model, keep)
+        if uneven:
+            raise SurgeryError(f"plan: layer {layer} {uneven}")
     distinct = sorted(set(counts.values()))
     if len(distinct) > 1 and not model.spec.per_layer_counts:
         first = min(counts)

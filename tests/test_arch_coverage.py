@@ -1,0 +1,94 @@
+"""Architecture coverage beyond the per-family equivalence tests: group-limited routing keeps its
+groups valid, FP8 block-scaled checkpoints of other families calibrate and rewrite, and variants we
+cannot handle are refused in one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.fingerprint import fingerprint
+from surgery.checkpoint.reader import Checkpoint
+from surgery.errors import SurgeryError
+from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+from surgery.plan import make_plan, validate_plan
+from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
+from tests.oracle import make_batch, oracle_saliency
+
+
+def fake_saliency(model: MoEModel, scores: list[float]) -> dict:
+    layer = {k: list(scores) for k in ("frequency", "weighted_frequency", "ean", "reap", "max_activation")}
+    return {"model": fingerprint(model.ckpt), "layers": {str(i): layer for i in model.moe_layers}}
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "deepseek_v3"])
+def test_group_limited_routing_keeps_equal_counts_per_group(family, tiny_checkpoint):
+    with Checkpoint(tiny_checkpoint(family)) as ckpt:
+        model = MoEModel(ckpt)
+        assert model.routing_facts()["n_group"] == 2  # 8 experts in 2 groups of 4
+        # group 0 outscores group 1 everywhere: a global top-4 would empty group 1
+        scores = [9.0, 8.0, 7.0, 6.0, 4.0, 3.0, 2.0, 1.0]
+        plan = make_plan(fake_saliency(model, scores), model, "reap", 0.5)
+        for entry in plan["layers"].values():
+            assert entry["keep"] == [0, 1, 4, 5]
+        validate_plan(plan, model)
+        for entry in plan["layers"].values():
+            entry["keep"], entry["drop"] = [0, 1, 2, 4], [3, 5, 6, 7]
+        with pytest.raises(SurgeryError, match=r"routing groups"):
+            validate_plan(plan, model)
+        with pytest.raises(SurgeryError, match="ratio"):  # 8 -> 2 leaves 1 per group: top-2 group scores fail
+            make_plan(fake_saliency(model, scores), model, "reap", 0.75)
+
+
+@pytest.mark.parametrize("family", ["glm4_moe", "qwen3_moe", "deepseek_v3"])
+def test_fp8_checkpoints_of_other_families(family, tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint(family, fp8=True)
+    ids, mask = make_batch(256, [13, 6, 9, 13], seed=9)
+    opts = CalibrateOptions(batch_size=2, dtype="float32", device="cpu", progress=False)
+    sal = Calibrator(src, tmp_path / "w", opts).run(
+        CalibrationInputs(ids.numpy(), mask.numpy().astype(np.uint8), {"t": "0"}, {}))
+    oracle, _ = oracle_saliency(src, ids, mask)
+    for layer, ref in oracle.items():
+        np.testing.assert_array_equal(sal["layers"][str(layer)]["frequency"], ref["frequency"])
+        np.testing.assert_allclose(sal["layers"][str(layer)]["reap"], ref["reap"], rtol=1e-4)
+    with Checkpoint(src) as ckpt:
+        plan = make_plan(sal, MoEModel(ckpt), "reap", 0.5)
+    out = tmp_path / "out"
+    rewrite_checkpoint(src, plan, out, progress=False)
+    verify_checkpoint(out)
+    import json
+
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+    with Checkpoint(src) as a, Checkpoint(out) as b:
+        layer = MoEModel(a).moe_layers[0]
+        kept = sorted(plan["layers"][str(layer)]["keep"])
+        for new, old in enumerate(kept):  # FP8 weights and their scales follow their expert, bytes intact
+            for suffix in ("weight", "weight_scale_inv"):
+                name = MoEModel(a).expert_tensor_name(layer, old, "down", suffix)
+                renamed = MoEModel(b).expert_tensor_name(layer, new, "down", suffix)
+                assert b.info(renamed).dtype == a.info(name).dtype
+                assert b.read_bytes(b.info(renamed)) == a.read_bytes(a.info(name))
+        assert any(t.dtype == "F8_E4M3" for t in b.tensors.values())
+
+
+def test_mxfp4_gpt_oss_is_refused(tiny_checkpoint, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "mxfp4"
+    shutil.copytree(tiny_checkpoint("gpt_oss"), src)
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] = torch.zeros(8, 4, 2, dtype=torch.uint8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    import json
+
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.layers.0.mlp.experts.gate_up_proj_blocks"] = shard.name
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SurgeryError, match="MXFP4") as err:
+        Calibrator(src, tmp_path / "w", CalibrateOptions(progress=False))
+    assert "\n" not in str(err.value)
