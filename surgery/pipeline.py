@@ -74,7 +74,7 @@ def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOpt
 
 
 def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: CalibrateOptions, method: str,
-          ratio: float, seed: int = 0, progress: bool = True) -> dict:
+          ratio: float, seed: int = 0, progress: bool = True, drop_mtp: bool = False) -> dict:
     """calibrate -> plan -> rewrite -> verify; returns the verify report."""
     from surgery.arch.model import MoEModel
     from surgery.checkpoint.reader import Checkpoint
@@ -83,13 +83,13 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
     from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
 
     saliency = calibrate(model_dir, work, data, opts)
-    plan_path = work / f"plan-{method}-{ratio:g}.json"
+    plan_path = work / f"plan-{method}-{ratio:g}{'-drop-mtp' if drop_mtp else ''}.json"
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
         if plan_path.exists():
             plan = read_json(plan_path, "plan")
         else:
-            plan = make_plan(saliency, model, method, ratio, seed=seed)
+            plan = make_plan(saliency, model, method, ratio, seed=seed, drop_mtp=drop_mtp)
             write_json_atomic(plan_path, plan)
         kept = {len(v["keep"]) for v in plan["layers"].values()}
         console.print(f"plan: {method} at ratio {ratio:g}: keep {sorted(kept)} of {model.num_experts} experts in "

@@ -92,3 +92,56 @@ def test_mxfp4_gpt_oss_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(SurgeryError, match="MXFP4") as err:
         Calibrator(src, tmp_path / "w", CalibrateOptions(progress=False))
     assert "\n" not in str(err.value)
+
+
+def with_mtp_layer(src, dst):
+    """A copy of a tiny GLM checkpoint with an MTP module at layer N (= num_hidden_layers), laid out as
+    GLM-4.x / DeepSeek-V3 store it: a full MoE decoder layer plus enorm, hnorm, eh_proj, shared_head."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    n, hidden = config["num_hidden_layers"], config["hidden_size"]
+    tensors = {}
+    for shard in sorted(dst.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    prefix = f"model.layers.{n - 1}."
+    mtp = {f"model.layers.{n}." + k[len(prefix):]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        mtp[f"model.layers.{n}.{name}"] = torch.ones(hidden)
+    mtp[f"model.layers.{n}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden) / hidden
+    save_file(mtp, dst / "model-mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(mtp, "model-mtp.safetensors"))
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    config["num_nextn_predict_layers"] = 1
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst, n
+
+
+def test_mtp_layers_are_refused_unless_dropped(tiny_checkpoint, tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    src, n = with_mtp_layer(tiny_checkpoint("glm4_moe"), tmp_path / "glm-mtp")
+    with Checkpoint(src) as ckpt:
+        model = MoEModel(ckpt)
+        assert model.mtp_expert_layers() == [n]
+        plan = make_plan({}, model, "random", 0.5, seed=1)
+        dropping = make_plan({}, model, "random", 0.5, seed=1, drop_mtp=True)
+    with pytest.raises(SurgeryError, match="--drop-mtp"):
+        rewrite_checkpoint(src, plan, tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused" / "config.json").exists()
+    out = tmp_path / "out"
+    rewrite_checkpoint(src, dropping, out, progress=False)
+    verify_checkpoint(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 0 and config["n_routed_experts"] == 4
+    with Checkpoint(out) as ckpt:
+        assert not any(name.startswith(f"model.layers.{n}.") for name in ckpt.tensors)
+        assert any(name.startswith(f"model.layers.{n - 1}.") for name in ckpt.tensors)
+    _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -51,6 +51,7 @@ class MoEModel:
         self.num_experts = int(getattr(tcfg, "num_local_experts", None) or cfg.get(self.experts_key))
         self.top_k = int(getattr(tcfg, spec.top_k_key))
         layer_re = re.escape(spec.layer_prefix).replace(r"\{layer\}", r"(\d+)")
+        self._layer_re = re.compile("^" + layer_re)
         moe_re = layer_re + re.escape(spec.moe_disk + ".")
         expert_re = re.escape(spec.expert_key.split("{expert}")[0])
         self._expert_re = re.compile(f"^{moe_re}{expert_re}(\\d+)\\.(.+)$")
@@ -134,11 +135,20 @@ class MoEModel:
             if hit is not None:
                 raise SurgeryError(f"{self.spec.family}: {why} (tensor {hit!r})", self.ckpt.directory)
 
+    def layer_of(self, name: str) -> int | None:
+        """The decoder-layer index a tensor belongs to, or None (embeddings, final norm, head)."""
+        m = self._layer_re.match(name)
+        return int(m.group(1)) if m else None
+
     def beyond_layers(self) -> list[int]:
         """Layer indices stored in the checkpoint at or past num_hidden_layers (MTP modules)."""
-        layer_re = re.compile("^" + re.escape(self.spec.layer_prefix).replace(r"\{layer\}", r"(\d+)"))
-        found = {int(m.group(1)) for n in self.ckpt.tensors if (m := layer_re.match(n))}
+        found = {i for n in self.ckpt.tensors if (i := self.layer_of(n)) is not None}
         return sorted(i for i in found if i >= self.num_layers)
+
+    def mtp_expert_layers(self) -> list[int]:
+        """MTP layers (past num_hidden_layers) whose MoE holds routed experts."""
+        return sorted({r.layer for n in self.ckpt.tensors
+                       if (r := self.classify(n)).kind in ("expert", "fused") and r.layer >= self.num_layers})
 
     def routing_facts(self) -> dict:
         r = self.spec.routing

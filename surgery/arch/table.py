@@ -63,6 +63,7 @@ class ArchSpec:
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
     per_layer_counts: bool = False  # transformers builds every MoE layer with one config count
+    mtp_key: str | None = None  # config key counting multi-token-prediction layers stored past the last layer
     # in-memory fused expert parameter -> the projection roles concatenated (dim 0) per expert and
     # stacked over experts: gate_up_proj[e] = cat(gate_e, up_e) [2I, H]; down_proj[e] = down_e [H, I]
     fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -146,6 +147,7 @@ TABLE: tuple[ArchSpec, ...] = (
         router_biases=("gate.e_score_correction_bias",),
         shared_experts=("shared_experts.",),
         first_dense_key="first_k_dense_replace",
+        mtp_key="num_nextn_predict_layers",
     ),
     ArchSpec(
         family="deepseek_v3",
@@ -160,6 +162,7 @@ TABLE: tuple[ArchSpec, ...] = (
         router_biases=("gate.e_score_correction_bias",),
         shared_experts=("shared_experts.",),
         first_dense_key="first_k_dense_replace",
+        mtp_key="num_nextn_predict_layers",
     ),
 )
 

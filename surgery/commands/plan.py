@@ -38,6 +38,8 @@ def plan_cmd(
     ratio: float = typer.Option(..., "--ratio", "-r", help="Fraction of experts to drop per MoE layer, in [0, 1)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Plan file to write (default WORK/plan.json)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --method random."),
+    drop_mtp: bool = typer.Option(False, "--drop-mtp",
+                                  help="Remove multi-token-prediction layers (and set the config's MTP count to 0)."),
     summary: bool = typer.Option(False, "--summary", help="Print kept counts and sizes before and after."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the summary; write no file."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint (default: saliency.json's model_path)."),
@@ -54,7 +56,7 @@ def plan_cmd(
         raise SurgeryError("saliency.json names no model_path; pass --model", sal_path)
     with Checkpoint(resolve_model(str(model_ref))) as ckpt:
         moe = MoEModel(ckpt)
-        plan = make_plan(saliency, moe, method, ratio, seed=seed)
+        plan = make_plan(saliency, moe, method, ratio, seed=seed, drop_mtp=drop_mtp)
         info = plan_summary(moe, plan)
     if summary or dry_run:
         print_summary(info, console)

@@ -30,6 +30,7 @@ def prune_cmd(
     dtype: str = o.DTYPE,
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed (default 42)."),
     pack: bool = o.PACK,
+    drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Remove multi-token-prediction layers."),
     routing: str = o.ROUTING,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
@@ -49,4 +50,4 @@ def prune_cmd(
                             progress=not no_progress)
     prune(resolve_model(model), out, work or out.with_name(out.name + ".work"), data, opts,
           method or chosen_method, ratio if ratio is not None else chosen_ratio, seed=data.seed,
-          progress=not no_progress)
+          progress=not no_progress, drop_mtp=drop_mtp)

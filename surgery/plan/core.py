@@ -99,7 +99,8 @@ def _random_scores(seed: int, layer: int, num_experts: int) -> list[float]:
     return out
 
 
-def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: int = 0) -> dict:
+def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: int = 0,
+              drop_mtp: bool = False) -> dict:
     """Keep the E - floor(E * ratio) most salient experts of every MoE layer.
 
     `saliency` is calibration's `saliency.json` (its `model.sha256` must be this model's); for
@@ -152,6 +153,8 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: 
     if method == "random":
         plan["seed"] = seed
     plan["source"] = source
+    if drop_mtp:
+        plan["drop_mtp"] = True
     if method != "random" and isinstance(saliency, dict):
         plan["calibration"] = {k: saliency.get(k) for k in ("num_tokens", "routing") if k in saliency}
     plan["layers"] = plan_layers

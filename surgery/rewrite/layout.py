@@ -64,17 +64,15 @@ def _router_module_prefix(model: MoEModel, layer: int) -> str:
     return model.moe_prefix(layer) + module + "." if module else ""
 
 
-def check_supported(model: MoEModel) -> None:
+def check_supported(model: MoEModel, drop_mtp: bool = False) -> None:
     """Refuse checkpoints the rewrite would get wrong, before writing anything."""
-    beyond = set(model.beyond_layers())
-    if beyond:
-        with_experts = sorted({r.layer for n in model.ckpt.tensors
-                               if (r := model.classify(n)).kind == "expert" and r.layer in beyond})
-        if with_experts:
-            raise SurgeryError(
-                f"layer(s) {layer_ranges(with_experts)} past num_hidden_layers (MTP modules) hold routed "
-                "experts; pruning them is not supported yet and leaving them would disagree with config.json",
-                model.ckpt.directory)
+    model.check_supported()
+    with_experts = model.mtp_expert_layers()
+    if with_experts and not drop_mtp:
+        raise SurgeryError(
+            f"layer(s) {layer_ranges(with_experts)} past num_hidden_layers (MTP modules) hold routed experts; "
+            "pruning them by their own saliency is not supported yet and leaving them would disagree with "
+            "config.json: make the plan with --drop-mtp to remove the MTP layers", model.ckpt.directory)
     for layer in model.moe_layers:
         if model.router_weight_name(layer) not in model.ckpt:
             raise SurgeryError(f"MoE layer {layer} has no router weight {model.router_weight_name(layer)!r}",
@@ -83,7 +81,8 @@ def check_supported(model: MoEModel) -> None:
 
 def plan_layout(model: MoEModel, plan: dict) -> list[OutShard]:
     """The output shards (one per input shard, possibly empty) for a validated plan."""
-    check_supported(model)
+    drop_mtp = bool(plan.get("drop_mtp"))
+    check_supported(model, drop_mtp)
     ckpt, num_experts = model.ckpt, model.num_experts
     keep = kept_map(plan)
     moe = set(model.moe_layers)
@@ -94,6 +93,8 @@ def plan_layout(model: MoEModel, plan: dict) -> list[OutShard]:
         for info in ckpt.shard_tensors(shard_name):
             if ckpt.tensors.get(info.name) is not info:
                 continue  # present in the shard's header but not in the index: not part of the model
+            if drop_mtp and (layer := model.layer_of(info.name)) is not None and layer >= model.num_layers:
+                continue  # --drop-mtp: the MTP modules go, and config.json says so
             role = model.classify(info.name)
             if role.kind == "expert":
                 if role.layer not in moe:

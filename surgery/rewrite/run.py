@@ -201,7 +201,7 @@ def _write_text_durably(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def new_config(model: MoEModel, n_keep: int) -> dict:
+def new_config(model: MoEModel, n_keep: int, drop_mtp: bool = False) -> dict:
     """config.json with the expert count set to n_keep; every other key exactly as it was.
 
     Besides the family's key, any other expert-count key of the family that the file also carries with
@@ -212,6 +212,8 @@ def new_config(model: MoEModel, n_keep: int) -> dict:
     for key in model.spec.num_experts_keys:
         if key != model.experts_key and key in cfg and cfg[key] == old:
             cfg[key] = n_keep
+    if drop_mtp and model.spec.mtp_key:
+        cfg[model.spec.mtp_key] = 0
     return cfg
 
 
@@ -333,7 +335,8 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
             summary["copied_files"] = [p.as_posix() for p in copy]
             summary["skipped_files"] = [p.as_posix() for p in skipped]
             write_json_atomic(out_dir / PROVENANCE, provenance(model_dir, model, plan, phash, n_keep), indent=2)
-            _write_text_durably(out_dir / "config.json", json.dumps(new_config(model, n_keep), indent=2) + "\n")
+            config = new_config(model, n_keep, bool(plan.get("drop_mtp")))
+            _write_text_durably(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
             (out_dir / MANIFEST).unlink(missing_ok=True)
             (out_dir / LOCK).unlink(missing_ok=True)
             fsync_dir(out_dir)
