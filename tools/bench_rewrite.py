@@ -8,10 +8,11 @@
    `surgery.synth.make_checkpoint` builds the whole model in memory. The generator's tensor names and
    shapes are checked against `make_checkpoint` at tiny size first, so the layout is the real one.
 2. Writes a random plan at ratio 0.5 (and one at ratio 0.0, a full copy through the rewrite path).
-3. Reads every input file once (page cache warm-up), then times, alternating, `cp -r MODEL DEST` and
+3. Reads every input file once (page cache warm-up), then times, alternating, `cp -r MODEL DEST`,
    `surgery rewrite` (a subprocess, interpreter start-up included) with both copy paths
-   (`copy_file_range` and `pread`/`write`), `--reps` times each; reports medians. The rewrite's peak
-   memory comes from `wait4` (ru_maxrss) and from sampling `/proc/PID/status` (VmHWM, RssAnon).
+   (`copy_file_range` and `pread`/`write`), the full copy with and without SHA-256, and
+   `surgery inspect MODEL` (the fixed cost any command pays), `--reps` times each; reports medians.
+   Peak memory comes from `wait4` (ru_maxrss) and from sampling `/proc/PID/status` (VmHWM, RssAnon).
 4. Prints the figures and writes them to --doc. Generated data stays in --dir (outside git).
 """
 
@@ -39,6 +40,7 @@ SHARD_BYTES = 1_400_000_000
 POOL_BYTES = 64 * 1024 * 1024
 GOAL_RATIO = 1.25
 GOAL_MB = 700
+FIXED = "fixed cost (surgery inspect MODEL)"
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -244,8 +246,9 @@ def main() -> None:
         "rewrite 0.5": lambda dst: (rewrite(plans[0.5], dst), None),
         "rewrite 0.5 (pread/write)": lambda dst: (rewrite(plans[0.5], dst), {"SURGERY_COPY_MODE": "readwrite"}),
         "rewrite 0.0 (full copy)": lambda dst: (rewrite(plans[0.0], dst), None),
-        "rewrite 0.0 (full copy, no SHA-256)": lambda dst: (rewrite(plans[0.0], dst), {"SURGERY_BENCH_NO_HASH": "1"}),
-        "start-up only (surgery rewrite --help)": lambda dst: ([py, "-m", "surgery", "rewrite", "--help"], None),
+        "rewrite 0.0 (full copy, no SHA-256)": lambda dst: (rewrite(plans[0.0], dst),
+                                                            {"SURGERY_BENCH_NO_HASH": "1"}),
+        FIXED: lambda dst: ([py, "-m", "surgery", "inspect", str(model_dir), "--json"], None),
     }
     results: dict[str, list[dict]] = {k: [] for k in variants}
     load_before = os.getloadavg()
@@ -290,8 +293,8 @@ def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int
     cp = med["cp -r"]
     ratio = med["rewrite 0.5"] / cp
     peak = max(v for k, v in rss.items() if k.startswith("rewrite "))
-    ratio_inner = inner["rewrite 0.5"] / cp
-    startup = med["start-up only (surgery rewrite --help)"]
+    fixed = med[FIXED]
+    marginal = {k: max(med[k] - fixed, 0.0) for k in med if k.startswith("rewrite ")}
     lines = [
         "# Rewrite benchmark",
         "",
@@ -321,20 +324,23 @@ def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int
                      f"{out_b[k] / 1e9:.2f} GB | {sync_med:.2f} s | {rss[k]:.0f} MB | {anon[k]:.0f} MB |")
     lines += [
         "",
-        f"- Time ratio rewrite 0.5 / `cp -r`, wall-clock with interpreter start-up: **{ratio:.2f}x** (goal <= "
-        f"{GOAL_RATIO}x: {'met' if ratio <= GOAL_RATIO else 'NOT met'}). Start-up alone (Python, torch, "
-        f"transformers, the CLI's modules) takes {startup:.2f} s here, a fixed cost that a real checkpoint "
-        "(hundreds of GB) does not notice.",
-        f"- Time ratio with the rewrite measured in-process (checkpoint open, plan validation, every shard "
-        f"written, hashed and fsynced, index, config): **{ratio_inner:.2f}x** (goal <= {GOAL_RATIO}x: "
-        f"{'met' if ratio_inner <= GOAL_RATIO else 'NOT met'}).",
-        f"- Full copy through the rewrite (ratio 0.0) / `cp -r`: {med['rewrite 0.0 (full copy)'] / cp:.2f}x wall, "
-        f"{inner['rewrite 0.0 (full copy)'] / cp:.2f}x in-process (same bytes written: the per-byte overhead). "
-        "Per byte the rewrite does more than `cp`: a SHA-256 of every byte it writes (on a second thread, for "
-        "the resume manifest) and an fsync of every shard (overlapped with the next shard). Without the "
-        f"SHA-256 (`SURGERY_BENCH_NO_HASH=1`, measurement only) the full copy takes "
-        f"{inner['rewrite 0.0 (full copy, no SHA-256)'] / cp:.2f}x in-process: on two busy cores the hash "
-        "competes with the copy for CPU.",
+        f"- Time ratio rewrite 0.5 / `cp -r`, wall-clock: **{ratio:.2f}x** (goal <= {GOAL_RATIO}x: "
+        f"{'met' if ratio <= GOAL_RATIO else 'NOT met'}).",
+        f"- Of that, {fixed:.2f} s is a fixed cost every command on this model pays: `surgery inspect MODEL` "
+        "(Python start-up, importing torch, transformers and the CLI's modules, reading the headers, the "
+        "config through transformers, the fingerprint) takes that long. Beyond it the rewrite at 0.5 takes "
+        f"{marginal['rewrite 0.5']:.2f} s: **{marginal['rewrite 0.5'] / cp:.2f}x** `cp -r` (goal <= "
+        f"{GOAL_RATIO}x: {'met' if marginal['rewrite 0.5'] / cp <= GOAL_RATIO else 'NOT met'}). On a checkpoint "
+        "of hundreds of GB the fixed seconds vanish and this marginal ratio is what remains.",
+        f"- Per byte (ratio 0.0 writes what `cp` writes): {marginal['rewrite 0.0 (full copy)'] / cp:.2f}x `cp -r` "
+        f"beyond the fixed cost, {marginal['rewrite 0.0 (full copy, no SHA-256)'] / cp:.2f}x without the SHA-256 "
+        "(`SURGERY_BENCH_NO_HASH=1`, measurement only). The copy itself is the kernel's, as in `cp` "
+        "(`copy_file_range`); the rewrite adds a SHA-256 of every byte written (on a second thread, for the "
+        "resume manifest; about 1.7 GB/s on one core of this CPU, so on two shared cores it competes with the "
+        "copy) and an fsync of every shard (overlapped with the next shard; `cp` leaves that to a later `sync`).",
+        f"- In-process time (`rewrite_checkpoint` alone, which also imports transformers for the config, about "
+        f"1.2 s when profiled): {inner['rewrite 0.5']:.2f} s at 0.5, {inner['rewrite 0.0 (full copy)']:.2f} s "
+        "for the full copy.",
         f"- Peak memory of the rewrite process (ru_maxrss, interpreter and imports included): **{peak:.0f} MB** "
         f"(goal <= {GOAL_MB} MB: {'met' if peak <= GOAL_MB else 'NOT met'}); it does not grow with shard size "
         "(copies are kernel-side or 32 MB chunks; only router tensors are read into memory).",
@@ -344,9 +350,40 @@ def write_doc(doc: Path, results: dict, total: int, shards: dict, n_tensors: int
     ]
     for k, v in results.items():
         lines.append(f"- {k}: " + ", ".join(f"{r['wall']:.2f} s" for r in v))
+    # One line per run, kept across runs: the machine is shared, and `cp` alone has varied 4x between runs.
+    history = previous_history(doc)
+    history.append(
+        f"- {time.strftime('%Y-%m-%d %H:%M')}: load {loads[0][0]:.1f} -> {loads[1][0]:.1f}; cp -r {cp:.2f} s; "
+        f"rewrite 0.5 {med['rewrite 0.5']:.2f} s wall ({ratio:.2f}x), fixed cost {fixed:.2f} s, beyond it "
+        f"{marginal['rewrite 0.5'] / cp:.2f}x; full copy beyond the fixed cost "
+        f"{marginal['rewrite 0.0 (full copy)'] / cp:.2f}x ({marginal['rewrite 0.0 (full copy, no SHA-256)'] / cp:.2f}x "
+        f"without SHA-256); peak RSS {peak:.0f} MB.")
+    lines += ["", READING, "", HISTORY, "", *history]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+HISTORY = "## Runs so far (medians; newest last)"
+READING = (
+    'Reading these numbers: this is a shared 2-core VM, and how fast it writes into the page cache '
+    'changes between runs (`cp -r` of the same 2.6 GB has taken from about 1 s to about 4 s; see the runs'
+    ' below), while within a run the commands alternate and see the same conditions. When `cp` is fast, '
+    'the fixed start-up (Python, torch, transformers: about 3 s here) dominates a job this small and the '
+    'wall-clock ratio is far above the goal; beyond the fixed cost the rewrite copies with the same '
+    'kernel call as `cp`, plus the SHA-256 and fsyncs. Lazy imports in the CLI (every command module is '
+    'imported at start-up) and a config read that does not import transformers would cut the fixed part; '
+    'the SHA-256 could only get cheaper by recording a cheaper checksum in the manifest.'
+)
+
+
+def previous_history(doc: Path) -> list[str]:
+    if not doc.is_file():
+        return []
+    text = doc.read_text()
+    if HISTORY not in text:
+        return []
+    return [line for line in text.split(HISTORY, 1)[1].splitlines() if line.startswith("- ")]
 
 
 if __name__ == "__main__":
