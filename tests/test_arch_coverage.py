@@ -121,7 +121,7 @@ def with_mtp_layer(src, dst):
     return dst, n
 
 
-def test_mtp_layers_are_refused_unless_dropped(tiny_checkpoint, tmp_path):
+def test_mtp_layers_need_a_plan_entry_or_drop_mtp(tiny_checkpoint, tmp_path):
     import json
 
     from transformers import AutoModelForCausalLM
@@ -132,6 +132,8 @@ def test_mtp_layers_are_refused_unless_dropped(tiny_checkpoint, tmp_path):
         assert model.mtp_expert_layers() == [n]
         plan = make_plan({}, model, "random", 0.5, seed=1)
         dropping = make_plan({}, model, "random", 0.5, seed=1, drop_mtp=True)
+    assert str(n) in plan["layers"] and str(n) not in dropping["layers"]
+    del plan["layers"][str(n)]  # e.g. a plan from a calibration that did not score the MTP layer
     with pytest.raises(SurgeryError, match="--drop-mtp"):
         rewrite_checkpoint(src, plan, tmp_path / "refused", progress=False)
     assert not (tmp_path / "refused" / "config.json").exists()
@@ -145,3 +147,78 @@ def test_mtp_layers_are_refused_unless_dropped(tiny_checkpoint, tmp_path):
         assert any(name.startswith(f"model.layers.{n - 1}.") for name in ckpt.tensors)
     _, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_mtp_layers_calibrate_by_their_own_saliency_and_prune(tiny_checkpoint, tmp_path):
+    """The MTP module (a copy of the last layer's weights plus enorm/hnorm/eh_proj) is scored on
+    h' = eh_proj(cat(enorm(embed(t[i+1])), hnorm(h[i]))) through its decoder layer, exactly as the
+    in-memory computation gives, and its experts are pruned by that saliency."""
+    import json
+
+    from tests.oracle import STATS, load_model, moe_blocks, route
+    from tests.oracle import expert_output as oracle_expert
+
+    src, n = with_mtp_layer(tiny_checkpoint("glm4_moe"), tmp_path / "glm-mtp")
+    ids, mask = make_batch(256, [13, 6, 9, 13], seed=12)
+    opts = CalibrateOptions(batch_size=3, dtype="float32", device="cpu", progress=False)
+    sal = Calibrator(src, tmp_path / "w", opts).run(
+        CalibrationInputs(ids.numpy(), mask.numpy().astype(np.uint8), {"t": "0"}, {}))
+    assert str(n) in sal["layers"]
+
+    # in memory: the whole model, the last layer's pre-norm output and kwargs, then the MTP step by hand
+    model = load_model(src)
+    captured = {}
+    last = model.model.layers[n - 1]
+    last.register_forward_pre_hook(lambda m, a, kw: captured.update(kw=kw), with_kwargs=True)
+    last.register_forward_hook(lambda m, a, out: captured.update(h=out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+        from safetensors.torch import load_file
+
+        tensors = load_file(src / "model-mtp.safetensors")
+        eps = model.config.rms_norm_eps
+
+        def rms(x, w):
+            return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+        nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+        emb = model.model.embed_tokens(nxt)
+        x = torch.cat([rms(emb, tensors[f"model.layers.{n}.enorm.weight"]),
+                       rms(captured["h"], tensors[f"model.layers.{n}.hnorm.weight"])], -1)
+        x = x @ tensors[f"model.layers.{n}.eh_proj.weight"].T
+        block = moe_blocks(model)[n - 1]  # the MTP layer's weights are a copy of this layer's
+        inputs = {}
+        handle = block.register_forward_pre_hook(lambda m, a: inputs.update(x=a[0]))
+        last(x, **{k: v for k, v in captured["kw"].items() if k not in ("hidden_states", "past_key_values")})
+        handle.remove()
+        flat = inputs["x"].reshape(-1, inputs["x"].shape[-1])
+        scored = (mask.bool() & torch.cat([mask[:, 1:], torch.zeros_like(mask[:, :1])], 1).bool()).reshape(-1)
+        index, weights = route(block, flat[scored])
+        ref = {k: np.zeros(8) for k in STATS}
+        for j in range(8):
+            tok, pos = torch.where(index == j)
+            out = oracle_expert(block.experts, j, flat[scored][tok]).double()
+            g, norms = weights[tok, pos], out.norm(dim=-1)
+            ref["frequency"][j] = tok.numel()
+            ref["ean"][j] = float(norms.sum())
+            ref["reap"][j] = float((g * norms).sum()) / tok.numel() if tok.numel() else 0.0
+    got = sal["layers"][str(n)]
+    np.testing.assert_array_equal(got["frequency"], ref["frequency"])
+    np.testing.assert_allclose(got["ean"], ref["ean"], rtol=1e-4)
+    np.testing.assert_allclose(got["reap"], ref["reap"], rtol=1e-4, atol=1e-9)
+    assert got["frequency"] != sal["layers"][str(n - 1)]["frequency"]  # really its own saliency
+
+    with Checkpoint(src) as ckpt:
+        plan = make_plan(sal, MoEModel(ckpt), "reap", 0.5)
+    assert str(n) in plan["layers"]
+    out = tmp_path / "out"
+    rewrite_checkpoint(src, plan, out, progress=False)
+    verify_checkpoint(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["n_routed_experts"] == 4
+    kept = sorted(plan["layers"][str(n)]["keep"])
+    with Checkpoint(src) as a, Checkpoint(out) as b:
+        for new, old in enumerate(kept):
+            name = f"model.layers.{n}.mlp.experts.{{}}.down_proj.weight"
+            assert b.read_bytes(b.info(name.format(new))) == a.read_bytes(a.info(name.format(old)))
+        assert b.info(f"model.layers.{n}.mlp.gate.weight").shape[0] == 4

@@ -46,8 +46,9 @@ def main() -> None:
             fp8 = "not shipped in FP8 by this family"
         mxfp4 = "refused: " + spec.unsupported_suffixes[0][1] if spec.unsupported_suffixes else "n/a"
         if spec.mtp_key:
-            mtp = ("`--drop-mtp` removes them (config count set to 0); without it, refused in one line; "
-                   f"pruning them by their own saliency: not yet ({cite(tests, 'test_mtp_layers')})")
+            mtp = ("calibrated on the cached final hidden states and pruned by their own saliency "
+                   f"({cite(tests, 'test_mtp_layers_calibrate')}); `--drop-mtp` removes them and sets "
+                   f"`{spec.mtp_key}` to 0 ({cite(tests, 'test_mtp_layers_need')})")
         else:
             mtp = "none in this family; any expert layer past num_hidden_layers is refused"
         if spec.routing.group_keys:

@@ -49,11 +49,15 @@ class LayerFactory:
             key = key.replace(disk, mem)
         return key[1:]
 
-    def read_state_dict(self, layer: int) -> dict[str, torch.Tensor]:
-        """The layer's tensors under their in-memory names, FP8 dequantised, experts fused."""
+    def read_state_dict(self, layer: int, exclude: tuple[str, ...] = (),
+                        only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The layer's tensors under their in-memory names, FP8 dequantised, experts fused (tensors
+        whose layer-relative name starts with one of `exclude` are left out; with `only`, just those)."""
         model, spec, ckpt = self.model, self.model.spec, self.model.ckpt
         prefix = model.layer_prefix(layer)
-        names = [t.name for t in model.layer_tensors(layer)]
+        names = [t.name for t in model.layer_tensors(layer)
+                 if not t.name[len(prefix):].startswith(exclude)
+                 and (only is None or t.name[len(prefix):].startswith(only))]
         present = set(names)
         router_biases = set(model.router_bias_names(layer))
         state: dict[str, torch.Tensor] = {}
@@ -126,6 +130,24 @@ class LayerFactory:
             raise SurgeryError(f"layer {layer} does not match the {self.model.spec.family} layout: {first}",
                                self.model.ckpt.directory) from None
         return module.to(self.device, non_blocking=True)
+
+    def load_mtp(self, layer: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """An MTP module stored as layer `layer` (past num_hidden_layers): its decoder layer, built with
+        the family's decoder-layer class for that index, and its extra tensors (enorm, hnorm, eh_proj,
+        optional embed_tokens) by layer-relative name, in the compute dtype."""
+        extras = self.model.spec.mtp_extras
+        with torch.device("meta"):
+            module = type(self.skeleton.model.layers[-1])(self.config, layer)
+        try:
+            module.load_state_dict(self.read_state_dict(layer, exclude=extras), strict=True, assign=True)
+        except RuntimeError as exc:
+            raise SurgeryError(f"MTP layer {layer} does not match the {self.model.spec.family} layout: "
+                               f"{str(exc).splitlines()[0]}", self.model.ckpt.directory) from None
+        parts = self.read_state_dict(layer, only=extras)
+        for need in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
+            if need not in parts:
+                raise SurgeryError(f"MTP layer {layer} has no {need!r}", self.model.ckpt.directory)
+        return module.to(self.device).eval(), {k: v.to(self.device) for k, v in parts.items()}
 
     def unload(self, layer: int) -> None:
         self.skeleton.model.layers[layer].to("meta")

@@ -145,6 +145,11 @@ class MoEModel:
         found = {i for n in self.ckpt.tensors if (i := self.layer_of(n)) is not None}
         return sorted(i for i in found if i >= self.num_layers)
 
+    def prunable_layers(self, drop_mtp: bool = False) -> list[int]:
+        """Layers whose routed experts a plan covers: the MoE decoder layers, then the MTP layers
+        (unless they are being dropped)."""
+        return self.moe_layers + ([] if drop_mtp else self.mtp_expert_layers())
+
     def mtp_expert_layers(self) -> list[int]:
         """MTP layers (past num_hidden_layers) whose MoE holds routed experts."""
         return sorted({r.layer for n in self.ckpt.tensors

@@ -64,6 +64,9 @@ class ArchSpec:
     lm_head: str = "lm_head.weight"
     per_layer_counts: bool = False  # transformers builds every MoE layer with one config count
     mtp_key: str | None = None  # config key counting multi-token-prediction layers stored past the last layer
+    # parts of an MTP module that are not its decoder layer (DeepSeek-V3 / GLM-4.x layout), relative to
+    # the layer prefix: h' = eh_proj(cat(enorm(embed(next token)), hnorm(h))), then the decoder layer
+    mtp_extras: tuple[str, ...] = ("enorm.", "hnorm.", "eh_proj.", "embed_tokens.", "shared_head.")
     # in-memory fused expert parameter -> the projection roles concatenated (dim 0) per expert and
     # stacked over experts: gate_up_proj[e] = cat(gate_e, up_e) [2I, H]; down_proj[e] = down_e [H, I]
     fused_experts: tuple[tuple[str, tuple[str, ...]], ...] = (

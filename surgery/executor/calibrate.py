@@ -301,6 +301,7 @@ class Calibrator:
         durable = None if fresh else completed  # last boundary on disk
         num_experts, routing, spec = self.model.num_experts, opts.routing, self.model.spec
         n_layers = self.model.num_layers
+        mtp_layers = self.model.mtp_expert_layers()
         real_tokens = int(mask.sum())
 
         def checkpoint(boundary: int, snapshot: dict[Batch, torch.Tensor]) -> None:
@@ -367,6 +368,9 @@ class Calibrator:
                         durable = boundary  # written, or being written behind the compute
                 if pending is not None:
                     pending.result()
+                if mtp_layers:
+                    last = _reader(store) if memory else stream._zarr_io(cache.hidden(n_layers), None)[0]
+                    self._run_mtp(factory, stream, mtp_layers, batches, ids, mask, last, progress, stop)
         except KeyboardInterrupt:
             if memory and ranks.world == 1:
                 if pending is not None:
@@ -386,7 +390,7 @@ class Calibrator:
             "num_tokens": real_tokens,
             "routing": opts.routing,
             "layers": {str(layer): read_json(self.stats_dir / f"layer_{layer:04d}.json", "layer statistics")
-                       for layer in self.model.moe_layers},
+                       for layer in self.model.prunable_layers()},
         }
         if ranks.main:
             write_json_atomic(self.work / "saliency.json", saliency, indent=None)
@@ -409,6 +413,48 @@ class Calibrator:
             self.summary["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return saliency
 
+    def _run_mtp(self, factory: LayerFactory, stream: LayerStream, layers: list[int], batches: list[Batch],
+                 ids: np.ndarray, mask: np.ndarray, read_last, progress, stop: threading.Event) -> None:
+        """Calibrate the multi-token-prediction modules stored past the last decoder layer (GLM-4.x,
+        DeepSeek-V3). MTP module k at position i sees the previous hidden state h_i (the last decoder
+        layer's output, or MTP k-1's) and the token i+k+1: h' = eh_proj(cat(enorm(embed(t_{i+k+1})),
+        hnorm(h_i))), then its decoder layer, whose experts are scored over positions whose current
+        and predicted-from tokens are both real."""
+        spec, dtype, device = self.model.spec, self.dtype, self.device
+        eps = float(getattr(factory.config, "rms_norm_eps", 1e-6))
+        pad = np.zeros((ids.shape[0], len(layers) + 1), dtype=ids.dtype)
+        ids_ext, mask_ext = np.concatenate([ids, pad], 1), np.concatenate([mask, pad.astype(mask.dtype)], 1)
+        previous = read_last
+        for k, layer in enumerate(layers):
+            progress.start_layer(layer)
+            module, parts = factory.load_mtp(layer)
+            block = factory.moe_block(module)
+            observer = SaliencyObserver(block, self.model.num_experts, self.opts.routing, spec.router_module,
+                                        spec.experts_transposed)
+            outputs: dict[Batch, torch.Tensor] = {}
+
+            def read(b: Batch, t: int, k: int = k, parts: dict = parts, previous=previous) -> torch.Tensor:
+                nxt = ids_ext[b[0]:b[1], k + 1:k + 1 + t]
+                if "embed_tokens.weight" in parts:
+                    emb = parts["embed_tokens.weight"][torch.from_numpy(nxt).to(device)]
+                else:
+                    emb = stream.embed_batch(nxt).to(device)
+                h = previous(b, t).to(device, dtype)
+                x = torch.cat([_rms(emb, parts["enorm.weight"], eps), _rms(h, parts["hnorm.weight"], eps)], -1)
+                return torch.nn.functional.linear(x, parts["eh_proj.weight"])
+
+            def scored(b: Batch, m: torch.Tensor, k: int = k) -> torch.Tensor:
+                t = m.shape[1]
+                return m * torch.from_numpy(mask_ext[b[0]:b[1], k + 1:k + 1 + t].astype(np.int64)).to(m.device)
+
+            try:
+                stream.run_batches(layer, module, batches, mask, read, outputs.__setitem__, progress.advance,
+                                   observer, stop.is_set, scored)
+            finally:
+                observer.detach()
+            self._write_stats(layer, observer.stats)
+            previous = _reader(outputs)
+
     @staticmethod
     def _batch_len(mask: np.ndarray, b: Batch) -> int:
         real = mask[b[0]:b[1]].sum(axis=0).nonzero()[0]
@@ -428,3 +474,9 @@ class Calibrator:
 def _reader(store: dict[Batch, torch.Tensor]):
     """Memory-tier read: the stored batch is already trimmed to its real length."""
     return lambda b, t: store[b]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the families' own modules compute it (float32 statistics, weight in the input dtype)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

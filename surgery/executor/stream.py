@@ -82,8 +82,10 @@ class LayerStream:
     def run_batches(self, layer: int, module: nn.Module, batches: Sequence[Batch], mask: np.ndarray,
                     read: Callable[[Batch, int], torch.Tensor], write: Callable[[Batch, torch.Tensor], None],
                     advance: Callable[[int], None], observer: object | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> None:
-        """Run an already loaded `module` (decoder layer `layer`) over `batches`."""
+                    should_stop: Callable[[], bool] | None = None,
+                    scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Run an already loaded `module` (decoder layer `layer`) over `batches`. The observer scores
+        the batch's real tokens, or those `scored(batch, mask)` selects (MTP: next token real too)."""
         config = self.factory.config
         build_mask = mask_builder(config, layer)
         for i, (s, e) in enumerate(batches):
@@ -96,7 +98,7 @@ class LayerStream:
                               position_ids=pos)
             pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
             if observer is not None:
-                observer.valid = m.reshape(-1).bool()
+                observer.valid = (scored((s, e), m) if scored is not None else m).reshape(-1).bool()
             y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
                        past_key_values=None, use_cache=False)
             y = y[0] if isinstance(y, tuple) else y

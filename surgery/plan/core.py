@@ -127,7 +127,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: 
                 model.ckpt.directory)
         layers_in = saliency.get("layers") or {}
     plan_layers: dict[str, dict[str, list[int]]] = {}
-    for layer in model.moe_layers:
+    for layer in model.prunable_layers(drop_mtp):
         if method == "random":
             scores = _random_scores(seed, layer, num_experts)
         else:
@@ -185,7 +185,7 @@ def validate_plan(plan: dict, model: MoEModel) -> None:
             f"plan was made for another model (source sha256 {source['sha256'][:12]}, this model "
             f"{mine['sha256'][:12]}: {what})", model.ckpt.directory)
     num_experts = model.num_experts
-    moe = set(model.moe_layers)
+    moe = set(model.prunable_layers(bool(plan.get("drop_mtp"))))
     given: dict[int, dict] = {}
     for key, entry in plan["layers"].items():
         try:
@@ -201,6 +201,11 @@ def validate_plan(plan: dict, model: MoEModel) -> None:
             raise SurgeryError(f"plan: layer {layer} must be an object with \"keep\" and \"drop\"")
         given[layer] = entry
     missing = sorted(moe - set(given))
+    mtp_missing = [layer for layer in missing if layer >= model.num_layers]
+    if mtp_missing:
+        raise SurgeryError(f"plan: MTP layer(s) {layer_ranges(mtp_missing)} (past num_hidden_layers) hold routed "
+                           "experts but have no entry: calibrate them (saliency.json from this version has them) "
+                           "or make the plan with --drop-mtp")
     if missing:
         raise SurgeryError(f"plan: MoE layer(s) {layer_ranges(missing)} missing (every MoE layer needs an entry)")
     counts: dict[int, int] = {}

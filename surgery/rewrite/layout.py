@@ -16,7 +16,6 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import TensorInfo
 from surgery.checkpoint.writer import TensorEntry, file_size_for
 from surgery.errors import SurgeryError
-from surgery.inspect import layer_ranges
 from surgery.plan.core import kept_map
 
 
@@ -66,13 +65,7 @@ def _router_module_prefix(model: MoEModel, layer: int) -> str:
 
 def check_supported(model: MoEModel, drop_mtp: bool = False) -> None:
     """Refuse checkpoints the rewrite would get wrong, before writing anything."""
-    model.check_supported()
-    with_experts = model.mtp_expert_layers()
-    if with_experts and not drop_mtp:
-        raise SurgeryError(
-            f"layer(s) {layer_ranges(with_experts)} past num_hidden_layers (MTP modules) hold routed experts; "
-            "pruning them by their own saliency is not supported yet and leaving them would disagree with "
-            "config.json: make the plan with --drop-mtp to remove the MTP layers", model.ckpt.directory)
+    model.check_supported()  # MTP layers: validate_plan requires an entry for each unless dropped
     for layer in model.moe_layers:
         if model.router_weight_name(layer) not in model.ckpt:
             raise SurgeryError(f"MoE layer {layer} has no router weight {model.router_weight_name(layer)!r}",
@@ -85,7 +78,7 @@ def plan_layout(model: MoEModel, plan: dict) -> list[OutShard]:
     check_supported(model, drop_mtp)
     ckpt, num_experts = model.ckpt, model.num_experts
     keep = kept_map(plan)
-    moe = set(model.moe_layers)
+    moe = set(model.prunable_layers(drop_mtp))
     router_prefixes = tuple(p for layer in sorted(moe) if (p := _router_module_prefix(model, layer)))
     out: list[OutShard] = []
     for shard_name in sorted(ckpt.shards):

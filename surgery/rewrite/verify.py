@@ -37,7 +37,7 @@ def verify_checkpoint(out_dir: str | Path) -> dict:
         if total is not None and str(total) != str(ckpt.total_bytes):
             # hub checkpoints are often off here and load fine (loaders ignore it): a warning, not a failure
             warnings.append(f"index metadata.total_size is {total} but the tensors hold {ckpt.total_bytes} bytes")
-        moe = set(model.moe_layers)
+        moe = set(model.prunable_layers())
         experts: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))
         for name, info in ckpt.tensors.items():
             role = model.classify(name)
