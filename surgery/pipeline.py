@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from surgery.errors import SurgeryError
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+from surgery.executor.options import CalibrateOptions, CalibrationInputs
 from surgery.inspect import human_bytes
 
 console = Console(stderr=True)
@@ -51,8 +51,10 @@ def calibration_inputs(model_dir: Path, data: DataOptions) -> CalibrationInputs:
 
 
 def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOptions) -> dict:
+    from surgery.executor.calibrate import Calibrator
+
+    inputs = calibration_inputs(model_dir, data)  # first: a missing dataset fails before any model work
     calibrator = Calibrator(model_dir, work, opts)
-    inputs = calibration_inputs(model_dir, data)
     saliency = calibrator.run(inputs)
     if calibrator.ranks.main and inputs.categories is not None:
         from surgery.jsonio import write_json_atomic

@@ -434,7 +434,7 @@ def test_symlinked_shards_are_read(tiny_checkpoint, tmp_path: Path) -> None:
     assert_round_trip(snap)
 
 
-def test_fingerprint_follows_headers_not_data(tiny_checkpoint, tmp_path: Path) -> None:
+def test_fingerprint_follows_headers_and_sampled_data(tiny_checkpoint, tmp_path: Path) -> None:
     from surgery.checkpoint.fingerprint import fingerprint
 
     d = tmp_path / "ckpt"
@@ -445,10 +445,18 @@ def test_fingerprint_follows_headers_not_data(tiny_checkpoint, tmp_path: Path) -
         assert shard.raw == shard.path.read_bytes()[8:shard.data_start]  # the exact header bytes
     victim = _shards(d)[0]
     raw = bytearray(victim.read_bytes())
-    raw[-1] ^= 0xFF  # tensor bytes only: a fingerprint is of metadata, by design
+    start = 8 + int.from_bytes(raw[:8], "little")
+    assert len(raw) - start > 6 * 16 * 1024  # room for a byte outside the three 16 KB samples
+    raw[start + (len(raw) - start) // 4] ^= 0xFF  # not sampled: reading all data would cost too much
     victim.write_bytes(bytes(raw))
     with Checkpoint(d) as ckpt:
         assert fingerprint(ckpt) == first
+    raw[-1] ^= 0xFF  # sampled (the end of the data): same layout, other weights -> another model
+    victim.write_bytes(bytes(raw))
+    with Checkpoint(d) as ckpt:
+        assert fingerprint(ckpt)["sha256"] != first["sha256"]
+    raw[-1] ^= 0xFF
+    victim.write_bytes(bytes(raw))
     header, data = split_safetensors(victim)
     header["__metadata__"] = {"format": "pt", "note": "changed"}
     join_safetensors(victim, header, data)

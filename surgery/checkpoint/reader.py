@@ -16,38 +16,41 @@ import math
 import os
 import struct
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from surgery.errors import SurgeryError
+
+if TYPE_CHECKING:
+    import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 
-# safetensors dtype code -> (torch dtype, bytes per element)
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "F64": (torch.float64, 8),
-    "F32": (torch.float32, 4),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "I64": (torch.int64, 8),
-    "I32": (torch.int32, 4),
-    "I16": (torch.int16, 2),
-    "I8": (torch.int8, 1),
-    "U8": (torch.uint8, 1),
-    "U16": (torch.uint16, 2),
-    "U32": (torch.uint32, 4),
-    "U64": (torch.uint64, 8),
-    "BOOL": (torch.bool, 1),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+# safetensors dtype code -> (torch dtype name, bytes per element); torch itself is imported only when a
+# tensor is read, so header-only commands (inspect, plan, verify) start without it
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "U16": ("uint16", 2),
+    "U32": ("uint32", 4),
+    "U64": ("uint64", 8),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E8M0": ("float8_e8m0fnu", 1),
 }
-TORCH_TO_CODE = {dt: code for code, (dt, _) in DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +76,9 @@ class TensorInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        import torch
+
+        return getattr(torch, DTYPES[self.dtype][0])
 
     @property
     def itemsize(self) -> int:
@@ -195,6 +200,7 @@ class Checkpoint:
         self.shards: dict[str, ShardHeader] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._fds: dict[str, int] = {}
+        self._fd_lock = threading.Lock()  # the executor reads the next layer from a prefetch thread
         self._load()
 
     # ---------------------------------------------------------------- loading and validation
@@ -269,8 +275,11 @@ class Checkpoint:
     def _fd(self, shard: str) -> int:
         fd = self._fds.get(shard)
         if fd is None:
-            fd = os.open(self.shards[shard].path, os.O_RDONLY)
-            self._fds[shard] = fd
+            with self._fd_lock:
+                fd = self._fds.get(shard)
+                if fd is None:
+                    fd = os.open(self.shards[shard].path, os.O_RDONLY)
+                    self._fds[shard] = fd
         return fd
 
     def read_bytes(self, info: TensorInfo, start: int = 0, length: int | None = None) -> bytearray:
@@ -289,6 +298,8 @@ class Checkpoint:
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor, or rows [start, stop) of its first dimension, and nothing else."""
+        import torch
+
         info = self.info(name)
         if rows is None:
             start, stop, shape = 0, None, info.shape

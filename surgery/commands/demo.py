@@ -13,7 +13,7 @@ import typer
 
 from surgery.cli import app
 from surgery.commands import options as o
-from surgery.executor.calibrate import CalibrateOptions
+from surgery.executor.options import CalibrateOptions
 from surgery.pipeline import DataOptions, console, prune
 
 

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,39 +33,12 @@ from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
 from surgery.executor.distributed import Ranks, init_ranks, sum_stats
+from surgery.executor.options import CalibrateOptions, CalibrationInputs
 from surgery.executor.progress import layer_progress
 from surgery.executor.stream import Batch, LayerStream, batch_ranges
 from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.saliency.observer import LayerStats, SaliencyObserver
-
-
-@dataclass
-class CalibrateOptions:
-    batch_size: int = 8
-    batch_tokens: int | None = None  # token budget per batch instead of a fixed row count
-    device: str = "auto"
-    dtype: str = "auto"
-    routing: str = "model"
-    keep_hidden: bool = False
-    progress: bool = True
-    prefetch: bool = True
-    cache_budget: int | None = None  # bytes of host memory for hidden states; None = auto, 0 = disk only
-    checkpoint_every: int | None = None  # layers between zarr checkpoints of the memory tier; None = auto
-
-    def __post_init__(self) -> None:
-        if self.routing not in ("model", "reference"):
-            raise SurgeryError(f"unknown routing {self.routing!r} (use model or reference)")
-        if self.batch_size < 1:
-            raise SurgeryError(f"batch size must be at least 1, got {self.batch_size}")
-        if self.checkpoint_every is not None and self.checkpoint_every < 1:
-            raise SurgeryError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
-
-    def identity(self) -> dict:
-        """Options that change the result (and so must match on resume): the batching decides the
-        summation order. Prefetching, the cache tier and checkpointing do not change a bit."""
-        return {"batch_size": self.batch_size, "batch_tokens": self.batch_tokens, "dtype": self.dtype,
-                "routing": self.routing}
 
 
 def available_memory() -> int:
@@ -103,17 +76,6 @@ def resolve_dtype(spec: str, device: torch.device, model: MoEModel) -> torch.dty
         return torch.float32
     declared = str(model.ckpt.config.get("dtype") or model.ckpt.config.get("torch_dtype") or "bfloat16")
     return names.get(declared, torch.bfloat16)
-
-
-@dataclass
-class CalibrationInputs:
-    """What a calibration run is made of: tokens plus what identifies them for the manifest."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    datasets: dict[str, str]  # spec -> content hash
-    settings: dict  # samples, max_length, seed, pack ...
-    categories: list[dict] | None = None  # per-dataset documents/tokens (reported, not identity)
 
 
 class Calibrator:
