@@ -12,8 +12,10 @@ RATIOS = (0.25, 0.40, 0.50)
 
 def pruned_size(model: MoEModel, ratio: float, expert_bytes: dict[int, int], router_bytes: dict[int, int]) -> int:
     """Checkpoint bytes after keeping E - floor(E * ratio) experts in every MoE layer."""
+    from surgery.plan.core import n_keep_for  # lazy: plan imports this module's helpers
+
     e = model.num_experts
-    keep = e - int(e * ratio)
+    keep = n_keep_for(e, ratio)
     moe_bytes = sum(expert_bytes.values()) + sum(router_bytes.values())
     return model.ckpt.total_bytes - moe_bytes + (moe_bytes * keep) // e
 
@@ -60,8 +62,14 @@ def summarize(model: MoEModel) -> dict:
         "expert_bytes": sum(expert_bytes.values()),
         "router_bytes": sum(router_bytes.values()),
         "pruned_bytes": {f"{r:.2f}": pruned_size(model, r, expert_bytes, router_bytes) for r in RATIOS},
-        "experts_kept": {f"{r:.2f}": model.num_experts - int(model.num_experts * r) for r in RATIOS},
+        "experts_kept": {f"{r:.2f}": _kept(model.num_experts, r) for r in RATIOS},
     }
+
+
+def _kept(num_experts: int, ratio: float) -> int:
+    from surgery.plan.core import n_keep_for
+
+    return n_keep_for(num_experts, ratio)
 
 
 def human_bytes(n: float) -> str:
