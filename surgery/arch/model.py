@@ -130,6 +130,10 @@ class MoEModel:
 
     def check_supported(self) -> None:
         """Refuse, in one line, a variant of a known family that we cannot operate on."""
+        if not self.spec.mtp_key and (beyond := self._expert_layers_beyond()):
+            raise SurgeryError(f"layer(s) {beyond} past num_hidden_layers ({self.num_layers}) hold routed experts "
+                               f"(MTP modules?), but the {self.spec.family} table entry has no MTP layout: refusing "
+                               "rather than writing experts that disagree with config.json", self.ckpt.directory)
         for suffix, why in self.spec.unsupported_suffixes:
             hit = next((n for n in self.ckpt.tensors if n.endswith(suffix)), None)
             if hit is not None:
@@ -150,10 +154,14 @@ class MoEModel:
         (unless they are being dropped)."""
         return self.moe_layers + ([] if drop_mtp else self.mtp_expert_layers())
 
-    def mtp_expert_layers(self) -> list[int]:
-        """MTP layers (past num_hidden_layers) whose MoE holds routed experts."""
+    def _expert_layers_beyond(self) -> list[int]:
         return sorted({r.layer for n in self.ckpt.tensors
                        if (r := self.classify(n)).kind in ("expert", "fused") and r.layer >= self.num_layers})
+
+    def mtp_expert_layers(self) -> list[int]:
+        """MTP layers (past num_hidden_layers) whose MoE holds routed experts, for families whose MTP
+        layout the table knows (`mtp_key`); `check_supported` refuses such layers in other families."""
+        return self._expert_layers_beyond() if self.spec.mtp_key else []
 
     def routing_facts(self) -> dict:
         r = self.spec.routing
