@@ -47,9 +47,12 @@ class MoEModel:
             self.num_layers = int(cfg[spec.num_layers_key])
         except (KeyError, TypeError, ValueError):
             raise SurgeryError(f"config has no valid {spec.num_layers_key!r}", ckpt.config_path) from None
-        tcfg = self.hf_config
-        self.num_experts = int(getattr(tcfg, "num_local_experts", None) or cfg.get(self.experts_key))
-        self.top_k = int(getattr(tcfg, spec.top_k_key))
+        try:
+            self.num_experts = int(self.cfg_value(self.experts_key) or self.cfg_value("num_local_experts"))
+            self.top_k = int(self.cfg_value(spec.top_k_key) or self.cfg_value("num_experts_per_tok"))
+        except (TypeError, ValueError):
+            raise SurgeryError(f"config has no valid expert count ({self.experts_key}) or top-k "
+                               f"({spec.top_k_key})", ckpt.config_path) from None
         layer_re = re.escape(spec.layer_prefix).replace(r"\{layer\}", r"(\d+)")
         self._layer_re = re.compile("^" + layer_re)
         moe_re = layer_re + re.escape(spec.moe_disk + ".")
@@ -74,9 +77,16 @@ class MoEModel:
 
     # ---------------------------------------------------------------- layers
     def cfg_value(self, key: str | None, default=None):
+        """A config value: as config.json states it, else transformers' default for the family.
+
+        Reading config.json first means header-only commands (inspect, plan, verify) need not import
+        transformers' config classes, which import torch (~220 MB); the transformers config is only
+        consulted for keys the file leaves out."""
         if key is None:
             return default
-        value = getattr(self.hf_config, key, None)
+        value = self.ckpt.config.get(key)
+        if value is None:
+            value = getattr(self.hf_config, key, None)
         return default if value is None else value
 
     @cached_property
