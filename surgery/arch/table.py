@@ -11,7 +11,7 @@ Names on disk are the hub's (per-expert keys); transformers 5 fuses experts in m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,22 @@ class ArchSpec:
 SWIGLU_W = {"gate": "w1", "up": "w3", "down": "w2"}
 SWIGLU_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
+GLM4_MOE = ArchSpec(
+    family="glm4_moe",
+    architectures=("Glm4MoeForCausalLM",),
+    model_type="glm4_moe",
+    num_experts_keys=("n_routed_experts", "num_local_experts"),
+    moe_disk="mlp",
+    moe_module="mlp",
+    projections=SWIGLU_PROJ,
+    routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize="norm_topk_prob",
+                    scaling_key="routed_scaling_factor", group_keys=("n_group", "topk_group")),
+    router_biases=("gate.e_score_correction_bias",),
+    shared_experts=("shared_experts.",),
+    first_dense_key="first_k_dense_replace",
+    mtp_key="num_nextn_predict_layers",
+)
+
 TABLE: tuple[ArchSpec, ...] = (
     ArchSpec(
         family="minimax_m2",
@@ -137,36 +153,10 @@ TABLE: tuple[ArchSpec, ...] = (
         projections=SWIGLU_PROJ,
         routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
     ),
-    ArchSpec(
-        family="glm4_moe",
-        architectures=("Glm4MoeForCausalLM",),
-        model_type="glm4_moe",
-        num_experts_keys=("n_routed_experts", "num_local_experts"),
-        moe_disk="mlp",
-        moe_module="mlp",
-        projections=SWIGLU_PROJ,
-        routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize="norm_topk_prob",
-                        scaling_key="routed_scaling_factor", group_keys=("n_group", "topk_group")),
-        router_biases=("gate.e_score_correction_bias",),
-        shared_experts=("shared_experts.",),
-        first_dense_key="first_k_dense_replace",
-        mtp_key="num_nextn_predict_layers",
-    ),
-    ArchSpec(
-        family="deepseek_v3",
-        architectures=("DeepseekV3ForCausalLM",),
-        model_type="deepseek_v3",
-        num_experts_keys=("n_routed_experts", "num_local_experts"),
-        moe_disk="mlp",
-        moe_module="mlp",
-        projections=SWIGLU_PROJ,
-        routing=Routing(scoring="sigmoid", bias_for_choice=True, renormalize="norm_topk_prob",
-                        scaling_key="routed_scaling_factor", group_keys=("n_group", "topk_group")),
-        router_biases=("gate.e_score_correction_bias",),
-        shared_experts=("shared_experts.",),
-        first_dense_key="first_k_dense_replace",
-        mtp_key="num_nextn_predict_layers",
-    ),
+    GLM4_MOE,
+    # DeepSeek-V3 / Kimi-K2 route, share experts and store MTP layers exactly as GLM-4.x does (MLA
+    # attention differs, but that lives in transformers' decoder layer)
+    replace(GLM4_MOE, family="deepseek_v3", architectures=("DeepseekV3ForCausalLM",), model_type="deepseek_v3"),
 )
 
 TABLE = TABLE + (
