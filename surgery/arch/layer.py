@@ -61,26 +61,22 @@ class LayerFactory:
         present = set(names)
         router_biases = set(model.router_bias_names(layer))
         state: dict[str, torch.Tensor] = {}
-        experts: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
+        experts: dict[int, dict[str, str]] = defaultdict(dict)  # expert -> role -> tensor name
         role_of = {proj: role for role, proj in spec.projections.items()}
         for name in names:
             if name.endswith(SCALE_SUFFIX):
                 continue  # consumed with its weight
-            tensor = ckpt.read(name)
-            scale_name = name.removesuffix("weight") + SCALE_SUFFIX
-            if name.endswith("weight") and scale_name in present:
-                scale = ckpt.read(scale_name)
-                tensor = dequantize(tensor, scale, block_size(ckpt.config, tensor.shape, scale.shape))
-            if tensor.is_floating_point() and name not in router_biases:
-                tensor = tensor.to(self.dtype)
             role = model.classify(name)
             if role.kind == "expert":
                 proj = role.rest.removesuffix(".weight")
                 if proj not in role_of or not role.rest.endswith(".weight"):
                     raise SurgeryError(f"unexpected expert tensor {name!r} for family {spec.family}",
                                        ckpt.directory)
-                experts[role.expert][role_of[proj]] = tensor
+                experts[role.expert][role_of[proj]] = name
                 continue
+            tensor = self._read(name, present)
+            if tensor.is_floating_point() and name not in router_biases:
+                tensor = tensor.to(self.dtype)
             state[self._to_memory_key(name[len(prefix):])] = tensor
         if experts:
             moe = spec.moe_module + ".experts."
@@ -88,9 +84,34 @@ class LayerFactory:
             if ids != list(range(len(ids))):
                 raise SurgeryError(f"layer {layer} has experts {ids[:3]}... not numbered 0..n-1", ckpt.directory)
             for param, roles in spec.fused_experts:
-                state[moe + param] = torch.stack(
-                    [torch.cat([experts[e][r] for r in roles], dim=0) for e in ids])
+                state[moe + param] = self._fuse(experts, ids, roles, present)
         return state
+
+    def _read(self, name: str, present: set[str]) -> torch.Tensor:
+        """One tensor as stored, FP8 block-scaled weights dequantised (float32)."""
+        ckpt = self.model.ckpt
+        tensor = ckpt.read(name)
+        scale_name = name.removesuffix("weight") + SCALE_SUFFIX
+        if name.endswith("weight") and scale_name in present:
+            scale = ckpt.read(scale_name)
+            tensor = dequantize(tensor, scale, block_size(ckpt.config, tensor.shape, scale.shape))
+        return tensor
+
+    def _fuse(self, experts: dict[int, dict[str, str]], ids: list[int], roles: tuple[str, ...],
+              present: set[str]) -> torch.Tensor:
+        """Stack the per-expert tensors of `roles` (concatenated on dim 0) into one [E, ...] tensor,
+        filled in place one expert at a time, so a layer's experts are never held twice."""
+        ckpt = self.model.ckpt
+        shapes = [ckpt.info(experts[ids[0]][r]).shape for r in roles]
+        rows = sum(s[0] for s in shapes)
+        fused = torch.empty((len(ids), rows, *shapes[0][1:]), dtype=self.dtype)
+        for e in ids:
+            row = 0
+            for r in roles:
+                part = self._read(experts[e][r], present)
+                fused[e, row:row + part.shape[0]].copy_(part)
+                row += part.shape[0]
+        return fused
 
     # ---------------------------------------------------------------- paging
     def _read_for_device(self, layer: int) -> dict[str, torch.Tensor]:
