@@ -77,6 +77,19 @@ class ArchSpec:
 SWIGLU_W = {"gate": "w1", "up": "w3", "down": "w2"}
 SWIGLU_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
+QWEN3_MOE = ArchSpec(
+    family="qwen3_moe",
+    architectures=("Qwen3MoeForCausalLM",),
+    model_type="qwen3_moe",
+    num_experts_keys=("num_experts", "num_local_experts"),
+    moe_disk="mlp",
+    moe_module="mlp",
+    projections=SWIGLU_PROJ,
+    routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
+    mlp_only_key="mlp_only_layers",
+    sparse_step_key="decoder_sparse_step",
+)
+
 GLM4_MOE = ArchSpec(
     family="glm4_moe",
     architectures=("Glm4MoeForCausalLM",),
@@ -118,31 +131,10 @@ TABLE: tuple[ArchSpec, ...] = (
         routing=Routing(scoring="softmax", renormalize=True),
         disk_to_memory=((".block_sparse_moe.", ".mlp."),),
     ),
-    ArchSpec(
-        family="qwen3_moe",
-        architectures=("Qwen3MoeForCausalLM",),
-        model_type="qwen3_moe",
-        num_experts_keys=("num_experts", "num_local_experts"),
-        moe_disk="mlp",
-        moe_module="mlp",
-        projections=SWIGLU_PROJ,
-        routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
-        mlp_only_key="mlp_only_layers",
-        sparse_step_key="decoder_sparse_step",
-    ),
-    ArchSpec(
-        family="qwen2_moe",
-        architectures=("Qwen2MoeForCausalLM",),
-        model_type="qwen2_moe",
-        num_experts_keys=("num_experts", "num_local_experts"),
-        moe_disk="mlp",
-        moe_module="mlp",
-        projections=SWIGLU_PROJ,
-        routing=Routing(scoring="softmax", renormalize="norm_topk_prob"),
-        shared_experts=("shared_expert.", "shared_expert_gate."),
-        mlp_only_key="mlp_only_layers",
-        sparse_step_key="decoder_sparse_step",
-    ),
+    QWEN3_MOE,
+    # Qwen2-MoE: Qwen3-MoE's layout plus a gated shared expert (never pruned)
+    replace(QWEN3_MOE, family="qwen2_moe", architectures=("Qwen2MoeForCausalLM",), model_type="qwen2_moe",
+            shared_experts=("shared_expert.", "shared_expert_gate.")),
     ArchSpec(
         family="olmoe",
         architectures=("OlmoeForCausalLM",),
