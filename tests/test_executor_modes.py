@@ -46,7 +46,7 @@ def test_tiers_prefetch_and_checkpoints_give_identical_bits(glm, tmp_path):
     for name, kw in variants.items():
         sal, summary = run(glm, tmp_path / name, **kw)
         assert json.dumps(sal["layers"]) == json.dumps(ref["layers"]), name
-        assert summary["tier"] == ("memory" if kw.get("cache_budget") else "disk"), name
+        assert summary["tier"] == ("memory (host)" if kw.get("cache_budget") else "disk"), name
 
 
 def test_token_budget_batches(glm, tmp_path):

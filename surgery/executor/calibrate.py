@@ -157,6 +157,12 @@ class Calibrator:
             budget = int(0.4 * available_memory())
         return budget > 0 and 3 * self._tier_bytes(batches, mask) <= budget
 
+    def _fits_on_device(self, batches: list[Batch], mask: np.ndarray) -> bool:
+        """Input, output and one checkpoint copy of the hidden states within half the free GPU memory
+        (the other half is for the layer's weights, its prefetched successor and activations)."""
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return 3 * self._tier_bytes(batches, mask) <= free // 2
+
     def _save_boundary(self, cache: HiddenCache, boundary: int, store: dict[Batch, torch.Tensor],
                        shape: tuple[int, int, int]) -> None:
         """Write a memory-tier layer boundary into the zarr cache (this rank's rows)."""
@@ -220,6 +226,8 @@ class Calibrator:
         shape = (ids.shape[0], ids.shape[1], hidden)
         batches = ranks.share(batch_ranges(mask, opts.batch_size, opts.batch_tokens))
         memory = self._use_memory(batches, mask)
+        # on CUDA the memory tier stays on the GPU when it fits beside the layer; else on the host
+        on_device = memory and self.device.type == "cuda" and self._fits_on_device(batches, mask)
         store: dict[Batch, torch.Tensor] = {}
 
         fresh = manifest is None or manifest["completed_layers"] is None
@@ -288,15 +296,15 @@ class Calibrator:
                     try:
                         if memory:
                             out: dict[Batch, torch.Tensor] = {}
-                            stream.run_batches(layer, module, batches, mask, _reader(store), out.__setitem__,
-                                               progress.advance, observer, stop.is_set)
+                            stream.run_batches(layer, module, batches, mask, _reader(store),
+                                               _writer(out, on_device), progress.advance, observer, stop.is_set)
                         else:
                             if ranks.main:
                                 cache.create_hidden(layer + 1, *shape, self.dtype, 1)
                             ranks.barrier()
                             read, write = stream._zarr_io(cache.hidden(layer), cache.hidden(layer + 1))
                             stream.run_batches(layer, module, batches, mask, read, write, progress.advance,
-                                               observer, stop.is_set)
+                                               observer, stop.is_set, overlap_io=True)
                     finally:
                         if observer is not None:
                             observer.detach()
@@ -366,7 +374,7 @@ class Calibrator:
             "cache_bytes": cache.disk_bytes(),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "tier": "memory" if memory else "disk",
+            "tier": ("memory (GPU)" if on_device else "memory (host)") if memory else "disk",
             "checkpoint_every": every,
             "ranks": ranks.world,
             **{f"{k}_s": round(v, 3) for k, v in self.timings.items()},
@@ -431,6 +439,13 @@ class Calibrator:
         if self.ranks.main:
             total = LayerStats.from_raw(sum_stats(parts)) if len(parts) > 1 else stats
             write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", total.result(), indent=None)
+
+
+def _writer(out: dict[Batch, torch.Tensor], on_device: bool):
+    """Memory-tier write: keep the batch on the compute device, or move it to host memory."""
+    if on_device:
+        return out.__setitem__
+    return lambda b, y: out.__setitem__(b, y if y.device.type == "cpu" else y.to("cpu"))
 
 
 def _reader(store: dict[Batch, torch.Tensor]):

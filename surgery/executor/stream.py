@@ -11,6 +11,7 @@ functions for the layer's attention type, and the model's rotary embedding.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -83,34 +84,66 @@ class LayerStream:
                     read: Callable[[Batch, int], torch.Tensor], write: Callable[[Batch, torch.Tensor], None],
                     advance: Callable[[int], None], observer: object | None = None,
                     should_stop: Callable[[], bool] | None = None,
-                    scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None = None) -> None:
+                    scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None = None,
+                    overlap_io: bool = False) -> None:
         """Run an already loaded `module` (decoder layer `layer`) over `batches`. The observer scores
-        the batch's real tokens, or those `scored(batch, mask)` selects (MTP: next token real too)."""
+        the batch's real tokens, or those `scored(batch, mask)` selects (MTP: next token real too).
+
+        `overlap_io` (the zarr tier): the next batch is read and the last batch's output written in
+        background threads while this batch computes, one of each in flight at most, so memory
+        stays bounded and the bytes read and written are the same as without it."""
         config = self.factory.config
         build_mask = mask_builder(config, layer)
-        for i, (s, e) in enumerate(batches):
-            m = torch.from_numpy(mask[s:e].astype(np.int64))
-            t = real_length(m)
-            m = m[:, :t].to(self.device)
-            x = read((s, e), t).to(self.device, self.dtype, non_blocking=True)
-            pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
-            attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, past_key_values=None,
-                              position_ids=pos)
-            pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
-            if observer is not None:
-                observer.valid = (scored((s, e), m) if scored is not None else m).reshape(-1).bool()
-            y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
-                       past_key_values=None, use_cache=False)
-            y = y[0] if isinstance(y, tuple) else y
-            if not torch.isfinite(y[m.bool()]).all():
-                raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} (samples {s}..{e - 1})",
-                                   self.model.ckpt.directory)
-            write((s, e), y)
-            advance(int(m.sum()))
-            crash_point(f"layer{layer}.batch{i}")
-            test_delay()
-            if should_stop is not None and should_stop():
-                raise KeyboardInterrupt
+        lengths = [real_length(mask[s:e]) for s, e in batches]
+        io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="surgery-io") if overlap_io else None
+        ahead: Future | None = None
+        behind: Future | None = None
+        try:
+            for i, (s, e) in enumerate(batches):
+                if io is None:
+                    x = read((s, e), lengths[i])
+                else:
+                    x = (ahead.result() if ahead is not None else read((s, e), lengths[i]))
+                    ahead = io.submit(read, batches[i + 1], lengths[i + 1]) if i + 1 < len(batches) else None
+                y = self._forward(layer, module, build_mask, x, mask, (s, e), lengths[i], observer, scored)
+                if io is None:
+                    write((s, e), y)
+                else:
+                    if behind is not None:
+                        behind.result()
+                    behind = io.submit(write, (s, e), y)
+                advance(int(mask[s:e].sum()))
+                crash_point(f"layer{layer}.batch{i}")
+                test_delay()
+                if should_stop is not None and should_stop():
+                    raise KeyboardInterrupt
+            if behind is not None:
+                behind.result()
+        finally:
+            if io is not None:
+                io.shutdown(wait=True, cancel_futures=True)
+
+    def _forward(self, layer: int, module: nn.Module, build_mask, x: torch.Tensor, mask: np.ndarray, batch: Batch,
+                 t: int, observer: object | None,
+                 scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        """One batch through the layer: mask, positions, rotary, the observer's scored tokens."""
+        s, e = batch
+        config = self.factory.config
+        m = torch.from_numpy(mask[s:e, :t].astype(np.int64)).to(self.device)
+        x = x.to(self.device, self.dtype, non_blocking=True)
+        pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
+        attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, past_key_values=None,
+                          position_ids=pos)
+        pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
+        if observer is not None:
+            observer.valid = (scored((s, e), m) if scored is not None else m).reshape(-1).bool()
+        y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
+                   past_key_values=None, use_cache=False)
+        y = y[0] if isinstance(y, tuple) else y
+        if not torch.isfinite(y[m.bool()]).all():
+            raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} (samples {s}..{e - 1})",
+                               self.model.ckpt.directory)
+        return y
 
     # ---------------------------------------------------------------- the zarr-tier convenience path
     def _zarr_io(self, z_in, z_out):
@@ -142,7 +175,7 @@ class LayerStream:
         read, write = self._zarr_io(z_in, z_out)
         try:
             self.run_batches(layer, module, batch_ranges(mask, self.batch_size), mask, read, write, advance,
-                             observer)
+                             observer, overlap_io=True)
         finally:
             if observer is not None:
                 observer.detach()
