@@ -184,11 +184,6 @@ class MoEModel:
         return facts
 
     def min_experts_to_keep(self) -> int:
-        """The fewest experts per layer that keep routing valid: top-k, and whole groups."""
-        facts = self.routing_facts()
-        n_group = facts.get("n_group", 1)
-        if n_group > 1:
-            # every group must still hold at least ceil(top_k / topk_group) experts... the simple
-            # safe bound: each selected group must be able to supply its share of the top-k.
-            return max(self.top_k, n_group)
+        """The fewest experts per layer that can still fill the top-k. What group-limited routing
+        additionally needs (equal groups of at least 2) is `surgery.plan.core.routing_problem`'s."""
         return self.top_k

@@ -17,7 +17,7 @@ import os
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -325,10 +325,6 @@ class Checkpoint:
                 out[wanted[i]] = block[wanted[i] - lo].clone()
                 i += 1
         return out
-
-    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        for name in names:
-            yield name, self.read(name)
 
     def close(self) -> None:
         for fd in self._fds.values():

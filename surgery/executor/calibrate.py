@@ -35,7 +35,7 @@ from surgery.executor.cache import HiddenCache
 from surgery.executor.distributed import Ranks, init_ranks, sum_stats
 from surgery.executor.options import CalibrateOptions, CalibrationInputs
 from surgery.executor.progress import layer_progress
-from surgery.executor.stream import Batch, LayerStream, batch_ranges
+from surgery.executor.stream import Batch, LayerStream, batch_ranges, real_length
 from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.saliency.observer import LayerStats, SaliencyObserver
@@ -147,8 +147,7 @@ class Calibrator:
     def _tier_bytes(self, batches: list[Batch], mask: np.ndarray) -> int:
         hidden = self.ckpt.info(self.model.spec.embed).shape[1]
         item = torch.empty((), dtype=self.dtype).element_size()
-        return sum((e - s) * int(mask[s:e].sum(axis=0).nonzero()[0].max(initial=0) + 1) * hidden * item
-                   for s, e in batches)
+        return sum((e - s) * real_length(mask[s:e]) * hidden * item for s, e in batches)
 
     def _use_memory(self, batches: list[Batch], mask: np.ndarray) -> bool:
         """Memory tier when input, output and the one being checkpointed fit the budget."""
@@ -262,7 +261,7 @@ class Calibrator:
             ranks.barrier()
             if memory:
                 z = cache.hidden(completed)
-                store = {b: HiddenCache.read_rows(z, b[0], b[1], self._batch_len(mask, b)) for b in batches}
+                store = {b: HiddenCache.read_rows(z, b[0], b[1], real_length(mask[b[0]:b[1]])) for b in batches}
 
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-checkpoint") \
             if memory and ranks.world == 1 else None
@@ -302,7 +301,7 @@ class Calibrator:
                             if ranks.main:
                                 cache.create_hidden(layer + 1, *shape, self.dtype, 1)
                             ranks.barrier()
-                            read, write = stream._zarr_io(cache.hidden(layer), cache.hidden(layer + 1))
+                            read, write = stream.zarr_io(cache.hidden(layer), cache.hidden(layer + 1))
                             stream.run_batches(layer, module, batches, mask, read, write, progress.advance,
                                                observer, stop.is_set, overlap_io=True)
                     finally:
@@ -339,7 +338,7 @@ class Calibrator:
                 if pending is not None:
                     pending.result()
                 if mtp_layers:
-                    last = _reader(store) if memory else stream._zarr_io(cache.hidden(n_layers), None)[0]
+                    last = _reader(store) if memory else stream.zarr_io(cache.hidden(n_layers), None)[0]
                     self._run_mtp(factory, stream, mtp_layers, batches, ids, mask, last, progress, stop)
         except KeyboardInterrupt:
             if memory and ranks.world == 1:
@@ -425,14 +424,9 @@ class Calibrator:
             self._write_stats(layer, observer.stats)
             previous = _reader(outputs)
 
-    @staticmethod
-    def _batch_len(mask: np.ndarray, b: Batch) -> int:
-        real = mask[b[0]:b[1]].sum(axis=0).nonzero()[0]
-        return int(real.max()) + 1 if real.size else 1
-
     def embed_rows(self, stream: LayerStream, ids: np.ndarray, mask: np.ndarray, s: int, e: int) -> torch.Tensor:
         """Embeddings of rows [s, e), trimmed to the batch's real length like every later layer."""
-        return stream.embed_batch(ids[s:e, :self._batch_len(mask, (s, e))])
+        return stream.embed_batch(ids[s:e, :real_length(mask[s:e])])
 
     def _write_stats(self, layer: int, stats: LayerStats) -> None:
         parts = self.ranks.gather(stats.raw())

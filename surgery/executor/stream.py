@@ -146,7 +146,8 @@ class LayerStream:
         return y
 
     # ---------------------------------------------------------------- the zarr-tier convenience path
-    def _zarr_io(self, z_in, z_out):
+    def zarr_io(self, z_in, z_out):
+        """(read, write) for the zarr tier: `hidden_<l>` batches in, `hidden_<l+1>` batches out."""
         def read(b: Batch, t: int) -> torch.Tensor:
             return HiddenCache.read_rows(z_in, b[0], b[1], t)
 
@@ -172,7 +173,7 @@ class LayerStream:
         z_in = self.cache.hidden(layer)
         samples, length, hidden = z_in.shape
         z_out = self.cache.create_hidden(layer + 1, samples, length, hidden, self.dtype, 1)
-        read, write = self._zarr_io(z_in, z_out)
+        read, write = self.zarr_io(z_in, z_out)
         try:
             self.run_batches(layer, module, batch_ranges(mask, self.batch_size), mask, read, write, advance,
                              observer, overlap_io=True)

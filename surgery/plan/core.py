@@ -43,8 +43,7 @@ def routing_problem(model: MoEModel, n_keep: int) -> str | None:
     """
     need = model.min_experts_to_keep()
     if n_keep < need:
-        return (f"keeps {n_keep} experts per layer but this model needs at least {need} "
-                f"(top-k {model.top_k}{', groups' if need > model.top_k else ''})")
+        return f"keeps {n_keep} experts per layer but this model needs at least {need} (top-k {model.top_k})"
     facts = model.routing_facts()
     n_group = facts.get("n_group", 1)
     if n_group > 1:
