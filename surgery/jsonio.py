@@ -21,6 +21,19 @@ def write_json_atomic(path: str | Path, obj: object, indent: int | None = 1) -> 
     os.replace(tmp, path)
 
 
+def save_npy_atomic(path: str | Path, array) -> None:
+    """An .npy file written under a temporary name, fsynced and renamed (never seen half-written)."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_json(path: str | Path, what: str = "file") -> dict:
     path = Path(path)
     try:

@@ -37,7 +37,7 @@ from surgery.executor.options import CalibrateOptions, CalibrationInputs
 from surgery.executor.progress import layer_progress
 from surgery.executor.stream import Batch, LayerStream, batch_ranges, real_length
 from surgery.faults import checkpoint as crash_point
-from surgery.jsonio import read_json, write_json_atomic
+from surgery.jsonio import read_json, save_npy_atomic, write_json_atomic
 from surgery.saliency.observer import LayerStats, SaliencyObserver
 
 
@@ -432,6 +432,7 @@ class Calibrator:
         parts = self.ranks.gather(stats.raw())
         if self.ranks.main:
             total = LayerStats.from_raw(sum_stats(parts)) if len(parts) > 1 else stats
+            save_npy_atomic(self.stats_dir / f"layer_{layer:04d}.outputs.npy", total.output_sum)
             write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", total.result(), indent=None)
 
 

@@ -48,12 +48,14 @@ def _swiglu(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
 class LayerStats:
     """Float64 accumulators for one MoE layer."""
 
-    def __init__(self, num_experts: int) -> None:
+    def __init__(self, num_experts: int, hidden: int = 0) -> None:
         self.frequency = np.zeros(num_experts, dtype=np.float64)
         self.weighted_frequency = np.zeros(num_experts, dtype=np.float64)
         self.ean = np.zeros(num_experts, dtype=np.float64)
         self.reap_sum = np.zeros(num_experts, dtype=np.float64)
         self.max_activation = np.full(num_experts, -np.inf, dtype=np.float64)
+        # sum of E_j(x) over j's real routed tokens: its mean is what expert merging compares (cosine)
+        self.output_sum = np.zeros((num_experts, hidden), dtype=np.float64)
 
     def add(self, j: int, out: torch.Tensor, weights: torch.Tensor) -> None:
         """`out` [n, H] = E_j(x) on real tokens routed to j, `weights` [n] = their g_j(x)."""
@@ -66,8 +68,10 @@ class LayerStats:
         self.ean[j] += float(norms.sum())
         self.reap_sum[j] += float((g * norms).sum())
         self.max_activation[j] = max(self.max_activation[j], float(out.max()))
+        if self.output_sum.shape[1] == out.shape[1]:
+            self.output_sum[j] += out.double().sum(0).cpu().numpy()
 
-    RAW = ("frequency", "weighted_frequency", "ean", "reap_sum", "max_activation")
+    RAW = ("frequency", "weighted_frequency", "ean", "reap_sum", "max_activation", "output_sum")
 
     def raw(self) -> dict[str, np.ndarray]:
         """The accumulators themselves (what ranks of a distributed run exchange and sum)."""
@@ -75,7 +79,7 @@ class LayerStats:
 
     @classmethod
     def from_raw(cls, raw: dict[str, np.ndarray]) -> LayerStats:
-        stats = cls(len(raw["frequency"]))
+        stats = cls(len(raw["frequency"]), np.asarray(raw["output_sum"]).shape[1])
         for k in cls.RAW:
             setattr(stats, k, np.asarray(raw[k], dtype=np.float64).copy())
         return stats
@@ -106,7 +110,7 @@ class SaliencyObserver:
         self.experts = block.experts
         self.num_experts = num_experts
         self.routing = routing
-        self.stats = LayerStats(num_experts)
+        self.stats = LayerStats(num_experts, int(self.router.weight.shape[-1]))
         self.valid: torch.Tensor | None = None
         self._router_logits: torch.Tensor | None = None
         self._orig_gate_forward = self.router.forward
