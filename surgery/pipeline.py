@@ -76,25 +76,36 @@ def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOpt
 
 
 def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: CalibrateOptions, method: str,
-          ratio: float, seed: int = 0, progress: bool = True, drop_mtp: bool = False) -> dict:
-    """calibrate -> plan -> rewrite -> verify; returns the verify report."""
+          ratio: float | None, seed: int = 0, progress: bool = True, drop_mtp: bool = False, *,
+          keep: int | None = None, multiple_of: int | None = None, protect: str | None = None,
+          merge_saliency: str = "reap") -> dict:
+    """calibrate -> plan -> rewrite -> verify; returns the verify report. `keep` / `multiple_of` /
+    `protect` / `merge_saliency` are `make_plan`'s; an impossible expert count is refused first."""
     from surgery.arch.model import MoEModel
     from surgery.checkpoint.reader import Checkpoint
     from surgery.jsonio import read_json, write_json_atomic
-    from surgery.plan import make_plan
+    from surgery.plan import check_request, make_plan, plan_file_name
+    from surgery.plan.merge import outputs_loader
     from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
 
+    with Checkpoint(model_dir) as ckpt:  # before calibration: an impossible count costs nothing, writes nothing
+        check_request(MoEModel(ckpt), method, ratio, keep=keep, multiple_of=multiple_of, protect=protect,
+                      merge_saliency=merge_saliency)
     saliency = calibrate(model_dir, work, data, opts)
-    plan_path = work / f"plan-{method}-{ratio:g}{'-drop-mtp' if drop_mtp else ''}.json"
+    plan_path = work / plan_file_name(method, ratio, drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
+                                      merge_saliency=merge_saliency)
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
         if plan_path.exists():
             plan = read_json(plan_path, "plan")
         else:
-            plan = make_plan(saliency, model, method, ratio, seed=seed, drop_mtp=drop_mtp)
+            plan = make_plan(saliency, model, method, ratio, seed=seed, drop_mtp=drop_mtp, keep=keep,
+                             multiple_of=multiple_of, protect=protect, merge_saliency=merge_saliency,
+                             outputs=outputs_loader(work) if method == "merge" else None)
             write_json_atomic(plan_path, plan)
         kept = {len(v["keep"]) for v in plan["layers"].values()}
-        console.print(f"plan: {method} at ratio {ratio:g}: keep {sorted(kept)} of {model.num_experts} experts in "
+        how = f"ratio {ratio:g}" if ratio is not None else f"--keep {keep}"
+        console.print(f"plan: {method} at {how}: keep {sorted(kept)} of {model.num_experts} experts in "
                       f"{len(plan['layers'])} MoE layers -> {plan_path}")
     rewrite_checkpoint(model_dir, plan, out, progress=progress)
     report = verify_checkpoint(out)

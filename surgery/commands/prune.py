@@ -20,8 +20,13 @@ def prune_cmd(
     work: Path | None = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.work beside OUT)."),
     recipe: Path | None = typer.Option(None, "--recipe", help="TOML recipe: datasets, samples, length, method, ratio."),
     method: str | None = typer.Option(None, "--method",
-                                      help="reap (default), frequency, ean, weighted_frequency, random."),
+                                      help="reap (default), frequency, ean, weighted_frequency, random, merge."),
     ratio: float | None = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (default 0.5)."),
+    keep: int | None = typer.Option(None, "--keep", help="Exact number of experts kept per layer (not with --ratio)."),
+    multiple_of: int | None = typer.Option(None, "--multiple-of",
+                                           help="Round the kept count down to a multiple of M, never below top-k."),
+    protect: str | None = typer.Option(None, "--protect", help="super or outliers: never prune super experts."),
+    merge_saliency: str = typer.Option("reap", "--merge-saliency", help="--method merge: saliency choosing the kept."),
     dataset: list[str] = o.DATASET,
     samples: int | None = typer.Option(None, "--samples", help="Documents per dataset (default 64)."),
     max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default 512)."),
@@ -48,6 +53,8 @@ def prune_cmd(
     data.seed = seed if seed is not None else data.seed
     opts = CalibrateOptions(batch_size=batch_size, device=device, dtype=dtype, routing=routing,
                             progress=not no_progress)
+    chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
     prune(resolve_model(model), out, work or out.with_name(out.name + ".work"), data, opts,
-          method or chosen_method, ratio if ratio is not None else chosen_ratio, seed=data.seed,
-          progress=not no_progress, drop_mtp=drop_mtp)
+          method or chosen_method, chosen_ratio, seed=data.seed,
+          progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
+          merge_saliency=merge_saliency)

@@ -18,20 +18,22 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.errors import SurgeryError
 from surgery.inspect import layer_ranges
 from surgery.jsonio import read_json
+from surgery.plan.counts import kept_count, n_keep_for  # noqa: F401 - re-exported
+from surgery.plan.merge import SALIENCIES, mean_outputs, merge_groups
+from surgery.plan.protect import protected_experts
 
-METHODS = ("reap", "frequency", "ean", "weighted_frequency", "random")
-
-
-def n_keep_for(num_experts: int, ratio: float) -> int:
-    """E - floor(E * ratio), with a tolerance so that e.g. 0.3 * 10 drops 3, not 2 or 4."""
-    return num_experts - math.floor(num_experts * ratio + 1e-9)
+METHODS = ("reap", "frequency", "ean", "weighted_frequency", "random")  # rank by a saliency and drop
+PLAN_METHODS = (*METHODS, "merge")  # merge: keep what a saliency keeps, fold the dropped into the kept
 
 
 def routing_problem(model: MoEModel, n_keep: int) -> str | None:
@@ -98,25 +100,61 @@ def _random_scores(seed: int, layer: int, num_experts: int) -> list[float]:
     return out
 
 
-def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: int = 0,
-              drop_mtp: bool = False) -> dict:
-    """Keep the E - floor(E * ratio) most salient experts of every MoE layer.
+def _scores(layers_in: dict, layer: int, stat: str, num_experts: int) -> list[float]:
+    """One layer's saliency `stat` as floats, or a one-line refusal saying what is wrong with it."""
+    stats = layers_in.get(str(layer))
+    if not isinstance(stats, dict) or stat not in stats:
+        raise SurgeryError(f"saliency has no {stat!r} statistics for MoE layer {layer} "
+                           "(calibration incomplete or for another model?)")
+    scores = stats[stat]
+    if not isinstance(scores, list) or len(scores) != num_experts:
+        raise SurgeryError(f"saliency {stat!r} of layer {layer} has "
+                           f"{len(scores) if isinstance(scores, list) else 'no'} values, expected {num_experts}")
+    try:
+        scores = [float(s) for s in scores]
+    except (TypeError, ValueError):
+        raise SurgeryError(f"saliency {stat!r} of layer {layer} holds a non-number") from None
+    if any(math.isnan(s) for s in scores):
+        raise SurgeryError(f"saliency {stat!r} of layer {layer} holds NaN (calibration diverged?)")
+    return scores
+
+
+def check_request(model: MoEModel, method: str, ratio: float | None = None, *, keep: int | None = None,
+                  multiple_of: int | None = None, protect: str | None = None, merge_saliency: str = "reap") -> int:
+    """Everything about a plan request that needs no saliency (method, protection mode, merge saliency,
+    the kept count), so `prune` refuses an impossible one before calibrating; returns the kept count."""
+    from surgery.plan.protect import MODES
+
+    if method not in PLAN_METHODS:
+        raise SurgeryError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
+    if method == "merge" and merge_saliency not in SALIENCIES:
+        raise SurgeryError(f"unknown --merge-saliency {merge_saliency!r}; choose one of {', '.join(SALIENCIES)}")
+    if protect is not None and protect not in MODES:
+        raise SurgeryError(f"unknown --protect {protect!r}; choose one of {', '.join(MODES)}")
+    return kept_count(model, ratio, keep, multiple_of)
+
+
+def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None = None, seed: int = 0,
+              drop_mtp: bool = False, *, keep: int | None = None, multiple_of: int | None = None,
+              protect: str | None = None, merge_saliency: str = "reap",
+              outputs: Callable[[int], np.ndarray] | None = None) -> dict:
+    """Keep the most salient experts of every MoE layer: E - floor(E * ratio), or exactly `keep`, rounded
+    down to a multiple of `multiple_of` (`surgery.plan.counts`).
 
     `saliency` is calibration's `saliency.json` (its `model.sha256` must be this model's); for
     `random` only the model is needed (`saliency` may be empty) and `seed` picks the experts.
+    `protect` ("super" / "outliers") never drops the experts the reference's super-expert rule
+    finds (`surgery.plan.protect`). `merge` keeps what `merge_saliency` keeps and records, per layer,
+    which kept expert each dropped one is merged into and the routed frequencies that weight the
+    average (`surgery.plan.merge`); `outputs(layer)` gives calibration's [E, H] output sums.
     """
-    if method not in METHODS:
-        raise SurgeryError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio < 1:
-        raise SurgeryError(f"ratio must be in [0, 1), got {ratio!r}")
+    n_keep = check_request(model, method, ratio, keep=keep, multiple_of=multiple_of, protect=protect,
+                           merge_saliency=merge_saliency)
     source = fingerprint(model.ckpt)
     num_experts = model.num_experts
-    n_keep = n_keep_for(num_experts, ratio)
-    problem = routing_problem(model, n_keep)
-    if problem:
-        raise SurgeryError(f"ratio {ratio} {problem}; use a smaller ratio", model.ckpt.directory)
+    n_group = model.routing_facts().get("n_group", 1)
     layers_in = {}
-    if method != "random" or saliency:
+    if method != "random" or saliency or protect:
         sal_model = (saliency.get("model") or {}) if isinstance(saliency, dict) else {}
         if sal_model.get("sha256") != source["sha256"]:
             raise SurgeryError(
@@ -125,32 +163,45 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: 
                 f"({source['architecture']}); calibrate this model or pass the model calibration used",
                 model.ckpt.directory)
         layers_in = saliency.get("layers") or {}
-    plan_layers: dict[str, dict[str, list[int]]] = {}
+    if method == "merge" and outputs is None:
+        raise SurgeryError("--method merge needs calibration's expert output sums (WORK/stats/*.outputs.npy)")
+    protection = protected_experts(layers_in, model.moe_layers, num_experts, protect) if protect else None
+    rank_by = merge_saliency if method == "merge" else method
+    plan_layers: dict[str, dict] = {}
     for layer in model.prunable_layers(drop_mtp):
         if method == "random":
             scores = _random_scores(seed, layer, num_experts)
         else:
-            stats = layers_in.get(str(layer))
-            if not isinstance(stats, dict) or method not in stats:
-                raise SurgeryError(f"saliency has no {method!r} statistics for MoE layer {layer} "
-                                   "(calibration incomplete or for another model?)")
-            scores = stats[method]
-            if not isinstance(scores, list) or len(scores) != num_experts:
-                raise SurgeryError(f"saliency {method!r} of layer {layer} has "
-                                   f"{len(scores) if isinstance(scores, list) else 'no'} values, "
-                                   f"expected {num_experts}")
-            try:
-                scores = [float(s) for s in scores]
-            except (TypeError, ValueError):
-                raise SurgeryError(f"saliency {method!r} of layer {layer} holds a non-number") from None
-            if any(math.isnan(s) for s in scores):
-                raise SurgeryError(f"saliency {method!r} of layer {layer} holds NaN (calibration diverged?)")
-        keep = _ranking(scores, n_keep, model.routing_facts().get("n_group", 1))
-        kept = set(keep)
-        plan_layers[str(layer)] = {"keep": keep, "drop": [e for e in range(num_experts) if e not in kept]}
-    plan: dict = {"method": method, "ratio": ratio}
+            scores = _scores(layers_in, layer, rank_by, num_experts)
+        guarded = protection.experts.get(layer, {}) if protection else {}
+        if guarded:
+            _check_room(model, layer, guarded, n_keep, n_group, protection)
+            scores = [math.inf if e in guarded else s for e, s in enumerate(scores)]
+        kept_ids = _ranking(scores, n_keep, n_group)
+        kept = set(kept_ids)
+        entry: dict = {"keep": kept_ids, "drop": [e for e in range(num_experts) if e not in kept]}
+        if guarded:
+            entry["protected"] = {str(e): v for e, v in sorted(guarded.items())}
+        if method == "merge":
+            freq = _scores(layers_in, layer, "frequency", num_experts)
+            means = mean_outputs(outputs(layer), freq, layer)
+            entry["merge"] = {str(c): ds for c, ds in merge_groups(means, freq, kept_ids, n_group).items()}
+            entry["merge_weights"] = freq
+        plan_layers[str(layer)] = entry
+    plan: dict = {"method": method}
+    if ratio is not None:
+        plan["ratio"] = ratio
+    if keep is not None:
+        plan["n_keep"] = keep
+    if multiple_of is not None:
+        plan["multiple_of"] = multiple_of
     if method == "random":
         plan["seed"] = seed
+    if method == "merge":
+        plan["merge"] = {"saliency": merge_saliency, "similarity": "cosine of mean expert outputs",
+                         "weights": "routed frequency"}
+    if protection is not None:
+        plan["protect"] = protection.record()
     plan["source"] = source
     if drop_mtp:
         plan["drop_mtp"] = True
@@ -158,6 +209,21 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float, seed: 
         plan["calibration"] = {k: saliency.get(k) for k in ("num_tokens", "routing") if k in saliency}
     plan["layers"] = plan_layers
     return plan
+
+
+def _check_room(model: MoEModel, layer: int, guarded: dict[int, float], n_keep: int, n_group: int,
+                protection) -> None:
+    """Refuse when a layer (or one of its routing groups) has more protected experts than it keeps:
+    the reference would then prune protected experts after all, which is not what was asked."""
+    size = model.num_experts // n_group
+    per_group = n_keep // n_group
+    for g in range(n_group):
+        inside = sorted(e for e in guarded if e // size == g)
+        if len(inside) > per_group:
+            where = f"routing group {g} of layer {layer}" if n_group > 1 else f"layer {layer}"
+            raise SurgeryError(
+                f"--protect {protection.mode}: {where} has {len(inside)} protected experts {inside} (max activation "
+                f"> {protection.threshold:.6g}) but keeps only {per_group}; keep more experts or drop --protect")
 
 
 def _int_list(value: object, what: str) -> list[int]:
@@ -229,6 +295,8 @@ def validate_plan(plan: dict, model: MoEModel) -> None:
         uneven = group_imbalance(model, keep)
         if uneven:
             raise SurgeryError(f"plan: layer {layer} {uneven}")
+        _validate_protected(layer, given[layer].get("protected"), keep, num_experts)
+        _validate_merge(layer, given[layer], keep, drop, num_experts)
     distinct = sorted(set(counts.values()))
     if len(distinct) > 1 and not model.spec.per_layer_counts:
         first = min(counts)
@@ -243,6 +311,65 @@ def validate_plan(plan: dict, model: MoEModel) -> None:
             raise SurgeryError(f"plan: {problem}")
 
 
+def _id_key(key: object, layer: int, what: str, num_experts: int) -> int:
+    try:
+        e = int(key)  # JSON object keys are strings
+    except (TypeError, ValueError):
+        raise SurgeryError(f"plan: layer {layer} \"{what}\" key {key!r} is not an expert id") from None
+    if str(e) != str(key) or not 0 <= e < num_experts:
+        raise SurgeryError(f"plan: layer {layer} \"{what}\" key {key!r} is not an expert id in 0..{num_experts - 1}")
+    return e
+
+
+def _validate_protected(layer: int, protected: object, keep: list[int], num_experts: int) -> None:
+    """"protected": {"<expert>": max activation}: every protected expert must be kept (a person who
+    wants one dropped removes it from this list too, so the file never contradicts itself)."""
+    if protected is None:
+        return
+    if not isinstance(protected, dict):
+        raise SurgeryError(f"plan: layer {layer} \"protected\" must be an object {{expert id: max activation}}")
+    for key in protected:
+        e = _id_key(key, layer, "protected", num_experts)
+        if e not in keep:
+            raise SurgeryError(f"plan: layer {layer} drops expert {e}, which \"protected\" lists (max activation "
+                               "above the super-expert threshold); keep it or remove it from \"protected\"")
+
+
+def _validate_merge(layer: int, entry: dict, keep: list[int], drop: list[int], num_experts: int) -> None:
+    """"merge": {"<kept expert>": [dropped experts]} and "merge_weights": [E non-negative numbers]:
+    groups name a kept expert and dropped ones, each dropped expert in at most one group, and every
+    group has a positive total weight (its average is defined)."""
+    groups = entry.get("merge")
+    if groups is None:
+        if "merge_weights" in entry:
+            raise SurgeryError(f"plan: layer {layer} has \"merge_weights\" but no \"merge\" groups")
+        return
+    if not isinstance(groups, dict):
+        raise SurgeryError(f"plan: layer {layer} \"merge\" must be an object {{kept expert: [dropped experts]}}")
+    weights = entry.get("merge_weights")
+    if (not isinstance(weights, list) or len(weights) != num_experts
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
+            or not all(math.isfinite(w) and w >= 0 for w in weights)):
+        raise SurgeryError(f"plan: layer {layer} \"merge_weights\" must list {num_experts} finite numbers >= 0 "
+                           "(the routed frequency of every expert)")
+    seen: dict[int, int] = {}
+    for key, members in groups.items():
+        c = _id_key(key, layer, "merge", num_experts)
+        if c not in keep:
+            raise SurgeryError(f"plan: layer {layer} merges into expert {c}, which it does not keep")
+        members = _int_list(members, f"layer {layer} \"merge\" group {c}")
+        for d in members:
+            if d not in drop:
+                raise SurgeryError(f"plan: layer {layer} merges expert {d} into {c}, but only dropped experts "
+                                   "can be merged into a kept one")
+            if d in seen:
+                raise SurgeryError(f"plan: layer {layer} merges expert {d} into both {seen[d]} and {c}")
+            seen[d] = c
+        if members and weights[c] + sum(weights[d] for d in members) <= 0:
+            raise SurgeryError(f"plan: layer {layer} merge group {c} has total weight 0 (no routed tokens): "
+                               "its average is undefined")
+
+
 def kept_map(plan: dict) -> dict[int, dict[int, int]]:
     """layer -> {original expert id: new id}; new ids follow the original order."""
     return {int(layer): {old: new for new, old in enumerate(sorted(entry["keep"]))}
@@ -252,8 +379,20 @@ def kept_map(plan: dict) -> dict[int, dict[int, int]]:
 def normalized(plan: dict) -> dict:
     """The plan with keep/drop lists sorted and layers in numeric order (what the rewrite applies)."""
     out = {k: v for k, v in plan.items() if k != "layers"}
-    out["layers"] = {str(int(k)): {"keep": sorted(v["keep"]), "drop": sorted(v.get("drop", []))}
+    out["layers"] = {str(int(k)): _normalized_entry(v)
                      for k, v in sorted(plan["layers"].items(), key=lambda kv: int(kv[0]))}
+    return out
+
+
+def _normalized_entry(entry: dict) -> dict:
+    """keep/drop sorted; merge groups (which change the written bytes) and protection kept, sorted, and
+    only when present, so plans without them hash as they always did."""
+    out: dict = {"keep": sorted(entry["keep"]), "drop": sorted(entry.get("drop", []))}
+    if entry.get("protected"):
+        out["protected"] = {str(k): entry["protected"][k] for k in sorted(entry["protected"], key=int)}
+    if entry.get("merge") is not None:
+        out["merge"] = {str(k): sorted(entry["merge"][k]) for k in sorted(entry["merge"], key=int)}
+        out["merge_weights"] = entry.get("merge_weights")
     return out
 
 
@@ -288,3 +427,20 @@ def load_plan(path: str | Path) -> dict:
     if not isinstance(plan, dict):
         raise SurgeryError("plan: not a JSON object", path)
     return plan
+
+
+def plan_file_name(method: str, ratio: float | None, drop_mtp: bool = False, *, keep: int | None = None,
+                   multiple_of: int | None = None, protect: str | None = None,
+                   merge_saliency: str = "reap") -> str:
+    """`prune`'s plan file in WORK, named by everything that chooses the experts, so a rerun with other
+    choices makes a new plan instead of reusing one (names of plain ratio plans are what they were)."""
+    parts = [f"plan-{method}", f"{ratio:g}" if keep is None else f"keep{keep}"]
+    if multiple_of is not None:
+        parts.append(f"m{multiple_of}")
+    if protect:
+        parts.append(f"protect-{protect}")
+    if method == "merge" and merge_saliency != "reap":
+        parts.append(merge_saliency)
+    if drop_mtp:
+        parts.append("drop-mtp")
+    return "-".join(parts) + ".json"

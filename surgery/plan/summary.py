@@ -1,5 +1,5 @@
-"""What a plan does to a checkpoint, in numbers: experts kept, tensor bytes and file bytes before and
-after. Computed from the rewrite's own layout, so the figures are the ones the rewrite will produce."""
+"""What a plan does, before anything is written: kept counts, protected and merged experts, and the
+output size. The sizes are the ones the rewrite will produce."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ from surgery.arch.model import MoEModel
 
 
 def plan_summary(model: MoEModel, plan: dict) -> dict:
-    """Kept counts per layer, tensor bytes before/after and the exact output size (shard files)."""
+    """Kept counts per layer, tensor bytes before/after and the exact output size (shard files); the
+    protected experts (layer -> {expert: max activation}) and the rule's numbers when the plan protects;
+    the merge groups (layer -> {kept: [dropped]}) and the dropped experts merged nowhere when it merges."""
     from surgery.rewrite.layout import plan_layout
 
     shards = plan_layout(model, plan)
-    kept = {int(k): len(v["keep"]) for k, v in plan["layers"].items()}
-    return {
+    layers = {int(k): v for k, v in plan["layers"].items()}
+    kept = {layer: len(v["keep"]) for layer, v in layers.items()}
+    info = {
         "method": plan.get("method"),
         "ratio": plan.get("ratio"),
+        "n_keep": plan.get("n_keep"),
+        "multiple_of": plan.get("multiple_of"),
         "num_experts": model.num_experts,
         "kept": dict(sorted(kept.items())),
         "moe_layers": len(kept),
@@ -24,3 +29,14 @@ def plan_summary(model: MoEModel, plan: dict) -> dict:
         "files_after": sum(s.file_size for s in shards if s.tensors),
         "shards_after": sum(1 for s in shards if s.tensors),
     }
+    if "protect" in plan:
+        info["protect"] = plan["protect"]
+        info["protected"] = {layer: {int(e): float(v) for e, v in entry["protected"].items()}
+                             for layer, entry in sorted(layers.items()) if entry.get("protected")}
+    if any("merge" in entry for entry in layers.values()):
+        info["merge"] = {layer: {int(c): list(ds) for c, ds in entry.get("merge", {}).items()}
+                         for layer, entry in sorted(layers.items())}
+        info["unmerged"] = {layer: sorted(set(entry.get("drop", []))
+                                          - {d for ds in entry.get("merge", {}).values() for d in ds})
+                            for layer, entry in sorted(layers.items())}
+    return info

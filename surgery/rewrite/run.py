@@ -41,6 +41,7 @@ from surgery.errors import SurgeryError
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.plan.core import kept_map, normalized, plan_hash, validate_plan
 from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
+from surgery.rewrite.merge import ExpertMerger
 
 MANIFEST = ".surgery-rewrite.json"
 LOCK = ".surgery-rewrite.lock"
@@ -133,15 +134,20 @@ def _router_rows(ckpt: Checkpoint, t: OutTensor) -> bytearray:
     return out
 
 
-def stream_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) -> SafetensorsWriter:
+def stream_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None,
+                 merger: ExpertMerger | None = None) -> SafetensorsWriter:
     """Write every byte of one output shard to `path.partial` and hash it; the returned writer still
-    has to `commit()` (fsync + rename), which the caller may overlap with the next shard."""
+    has to `commit()` (fsync + rename), which the caller may overlap with the next shard. With a
+    `merger` (plans made with --method merge), merged experts' tensors are computed by it."""
     src_fd = os.open(ckpt.shards[shard.name].path, os.O_RDONLY)
     w = SafetensorsWriter(path, shard.entries, shard.metadata, on_bytes=on_bytes)
     try:
         w.open()
         for t in shard.tensors:
-            if t.rows is None:
+            merged = merger.bytes_for(t) if merger is not None else None
+            if merged is not None:
+                w.write(t.entry.name, merged)
+            elif t.rows is None:
                 w.copy(t.entry.name, src_fd, t.source.begin, t.source.nbytes)
             else:
                 w.write(t.entry.name, _router_rows(ckpt, t))
@@ -287,6 +293,7 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
         model = MoEModel(ckpt)
         validate_plan(plan, model)
         layout = plan_layout(model, plan)
+        merger = ExpertMerger.for_plan(model, plan)  # refuses unmergeable experts before writing
         phash = plan_hash(plan)
         n_keep = len(next(iter(kept_map(plan).values()))) if plan["layers"] else model.num_experts
         written = [s for s in layout if s.tensors]
@@ -324,7 +331,7 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
                 from rich.console import Console
 
                 Console(stderr=True).print(f"resuming: verifying {len(manifest['shards'])} finished shard(s)")
-            _write_shards(ckpt, written, out_dir, manifest, summary, progress)
+            _write_shards(ckpt, written, out_dir, manifest, summary, progress, merger)
             if ckpt.index_path is not None:
                 write_json_atomic(out_dir / INDEX_NAME, _index(ckpt, written), indent=2)
             elif [s.name for s in written] != [SINGLE_NAME]:
@@ -357,7 +364,7 @@ def _already_complete(out_dir: Path, written: list[OutShard], summary: dict, t0:
 
 
 def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manifest: dict, summary: dict,
-                  progress: bool) -> None:
+                  progress: bool, merger: ExpertMerger | None = None) -> None:
     """Write every shard not already finished (and still intact), recording each in the manifest."""
     done = manifest.setdefault("shards", {})
     todo_bytes = 0
@@ -393,7 +400,7 @@ def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manif
                 bar.advance(task, s.data_bytes)
                 continue
             bar.update(task, description=s.name)
-            w = stream_shard(ckpt, s, out_dir / s.name, on_bytes=lambda n: bar.advance(task, n))
+            w = stream_shard(ckpt, s, out_dir / s.name, on_bytes=lambda n: bar.advance(task, n), merger=merger)
             fut = finisher.submit(w.commit)
             if pending:
                 settle()
