@@ -2,8 +2,9 @@
 
 On `tinymoe-m2` (MiniMax-M2 architecture, trained on code, prose and tool calls), measure the mean
 next-token loss on held-out code / prose / tools text after pruning 25% and 50% of the experts of
-every MoE layer by each method (reap, frequency, ean, random), calibrated on code only and on a mix
-of the three domains, with the streaming pieces end to end:
+every MoE layer by each method (reap, frequency, ean, random), by REAP with super-expert protection
+(`--protect super`) and by expert merging (`--method merge`, REAP's kept experts), calibrated on code
+only and on a mix of the three domains, with the streaming pieces end to end:
 
     Calibrator (saliency) -> make_plan -> rewrite_checkpoint (a real pruned checkpoint) -> Evaluator
 
@@ -15,7 +16,8 @@ from code, prose and tools .calib.jsonl (the same token budget, so only the mix 
 
     .venv/bin/python tools/quality_table.py [--out docs/quality.md] [--work DIR]
 
-About 10 minutes on 2 CPU cores; the evaluation is resumable (rerun with the same --work).
+About 10 minutes on 2 CPU cores; the evaluation is resumable (rerun with the same --work). A protected
+plan that keeps exactly REAP's experts is not evaluated again (same checkpoint, same losses).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from surgery.eval.loss import EvalInputs, EvalOptions, Evaluator, ModelRef  # no
 from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator  # noqa: E402
 from surgery.jsonio import write_json_atomic  # noqa: E402
 from surgery.plan import make_plan, plan_hash  # noqa: E402
+from surgery.plan.merge import outputs_loader  # noqa: E402
 from surgery.rewrite import rewrite_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +57,7 @@ DOMAINS = ("code", "prose", "tools")
 METHODS = ("reap", "frequency", "ean", "random")
 RATIOS = (0.25, 0.5)
 CALIBRATIONS = {"code": {"code": 32}, "mixed": {"code": 11, "prose": 11, "tools": 10}}
+VARIANTS = ("reap-protect", "merge")  # REAP + --protect super, and --method merge (REAP's kept experts)
 EOT = 0
 # The fixture README's figures (in-memory pruning, code-only calibration), to print beside ours.
 README_BASE = {"code": 2.585, "prose": 1.615, "tools": 0.148}
@@ -108,6 +112,7 @@ def main() -> None:
     done_path = work / "results.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     results: dict[str, dict] = {}
+    details: dict[str, dict] = {}  # per variant row: what protection / merging did
     reused = 0
 
     def evaluate(name: str, directory: Path) -> dict:
@@ -146,16 +151,57 @@ def main() -> None:
                 shutil.rmtree(out_dir)
                 done[name] = {"plan": phash, "losses": results[name]}
                 write_json_atomic(done_path, done)
+        for ratio in RATIOS:
+            reap_plan = make_plan(saliency, model, "reap", ratio)
+            for variant in VARIANTS:
+                name = f"{variant}-{ratio:g}-{calib}"
+                if variant == "merge":
+                    plan = make_plan(saliency, model, "merge", ratio, outputs=outputs_loader(work / f"calib-{calib}"))
+                else:
+                    plan = make_plan(saliency, model, "reap", ratio, protect="super")
+                details[name] = _describe(plan, reap_plan)
+                if variant == "reap-protect" and details[name]["same_as_reap"]:
+                    results[name] = results[f"reap-{ratio:g}-{calib}"]  # the same checkpoint: same losses
+                    continue
+                phash = plan_hash(plan)
+                if done.get(name, {}).get("plan") == phash:
+                    results[name] = done[name]["losses"]
+                    reused += 1
+                    continue
+                out_dir = work / "pruned" / name
+                shutil.rmtree(out_dir, ignore_errors=True)
+                rewrite_checkpoint(args.model, plan, out_dir, progress=False)
+                evaluate(name, out_dir)
+                shutil.rmtree(out_dir)
+                done[name] = {"plan": phash, "losses": results[name]}
+                write_json_atomic(done_path, done)
     ckpt.close()
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "reused": reused,
               "rows": len(results), "load": os.getloadavg()[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, timing))
+    args.out.write_text(render(results, timing, details))
     print(f"-> {args.out} ({seconds:.0f} s)")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _describe(plan: dict, reap_plan: dict) -> dict:
+    """What a variant's plan did: protected experts and threshold, merged experts, and whether it keeps
+    exactly REAP's experts."""
+    same = all(plan["layers"][k]["keep"] == reap_plan["layers"][k]["keep"] for k in plan["layers"])
+    info: dict = {"same_as_reap": same}
+    if "protect" in plan:
+        info["threshold"] = plan["protect"]["threshold"]
+        info["protected"] = {k: sorted(int(e) for e in v["protected"]) for k, v in plan["layers"].items()
+                             if v.get("protected")}
+        info["rescued"] = {k: [e for e in ids if e not in reap_plan["layers"][k]["keep"]]
+                           for k, ids in info["protected"].items()}
+    if plan.get("method") == "merge":
+        info["merged"] = sum(len(ds) for v in plan["layers"].values() for ds in v["merge"].values())
+        info["dropped"] = sum(len(v["drop"]) for v in plan["layers"].values())
+    return info
 
 
 def _name(method: str, ratio: float, calib: str) -> str:
@@ -166,7 +212,7 @@ def _mean(r: dict) -> float:
     return float(np.mean([r[d] for d in DOMAINS]))
 
 
-def render(results: dict, timing: dict) -> str:
+def render(results: dict, timing: dict, details: dict) -> str:
     base = results["base"]
     lines = [
         "# Pruning quality on the trained tiny MiniMax-M2 fixture",
@@ -241,6 +287,7 @@ def render(results: dict, timing: dict) -> str:
             ranked = sorted((m for m in METHODS), key=lambda m: _mean(results[_name(m, ratio, calib)]))
             lines.append(f"- {calib} calibration, ratio {ratio:g}: by mean loss "
                          + " < ".join(f"{m} ({_mean(results[_name(m, ratio, calib)]):.3f})" for m in ranked))
+    lines += _variants_section(results, details)
     lines += ["", "The streaming evaluator equals transformers' own loss on the same tokens (to 1e-5, "
               "tests/test_eval.py), so the unpruned row is the model's loss on these windows; it differs slightly "
               f"from the README's (prose {base['prose']:.3f} vs {README_BASE['prose']:.3f}), whose windows must be cut "
@@ -250,6 +297,64 @@ def render(results: dict, timing: dict) -> str:
     lines += [f"Run time: {timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} s CPU, on {os.cpu_count()} "
               f"CPU cores ({platform.machine()}), float32, load average {timing['load']:.1f} at the end{reuse}.", ""]
     return "\n".join(lines)
+
+
+def _variants_section(results: dict, details: dict) -> list[str]:
+    """REAP vs REAP + protection (super) vs merge, per ratio and calibration, and what the numbers say."""
+    lines = ["", "## Super-expert protection and expert merging", "",
+             "Same calibration and evaluation as above. **protect** = REAP with `--protect super` (the reference's "
+             "rule: max activation > max(quantile 0.995, max / 10) over all 6 x 32 experts, protected in the first "
+             "int(0.75 * 6) = 4 MoE layers); **merge** = `--method merge`: REAP's kept experts, each dropped expert "
+             "folded into the kept expert with the most similar mean output (cosine), frequency-weighted average "
+             "(docs/plan.md).", "",
+             "| ratio | calibration | REAP code | prose | tools | mean | protect code | prose | tools | mean | "
+             "merge code | prose | tools | mean |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    notes = []
+    merge_wins, merge_domain_wins, protect_changed, protect_wins, pairs = 0, 0, 0, 0, 0
+    for ratio in RATIOS:
+        for calib in CALIBRATIONS:
+            reap = results[_name("reap", ratio, calib)]
+            prot = results[f"reap-protect-{ratio:g}-{calib}"]
+            merge = results[f"merge-{ratio:g}-{calib}"]
+            cells: list[str] = []
+            for r in (reap, prot, merge):
+                cells += [f"{r[d]:.3f}" for d in DOMAINS] + [f"{_mean(r):.3f}"]
+            lines.append(f"| {ratio:g} | {calib} | " + " | ".join(cells) + " |")
+            pd, md = details[f"reap-protect-{ratio:g}-{calib}"], details[f"merge-{ratio:g}-{calib}"]
+            pairs += 1
+            merge_wins += _mean(merge) < _mean(reap)
+            merge_domain_wins += sum(merge[d] < reap[d] for d in DOMAINS)
+            if not pd["same_as_reap"]:
+                protect_changed += 1
+                protect_wins += _mean(prot) < _mean(reap)
+            protected = "; ".join(f"layer {k}: {v}" for k, v in pd["protected"].items()) or "none"
+            rescued = "; ".join(f"layer {k}: {v}" for k, v in pd["rescued"].items() if v) or "none"
+            notes.append(f"- ratio {ratio:g}, {calib}: threshold {pd['threshold']:.3f}; protected {protected}; of "
+                         f"these REAP alone would drop {rescued}"
+                         + (" (same kept experts as REAP: same checkpoint, same losses)" if pd["same_as_reap"] else "")
+                         + f"; merge folded {md['merged']} of {md['dropped']} dropped experts into kept ones.")
+    lines += ["", "What each variant did:", "", *notes, ""]
+    if protect_changed == 0:
+        verdict_p = ("Protection changes nothing here: on a model this small the 99.5% quantile sits just under the "
+                     "largest max activation, so at most one or two experts qualify, and REAP keeps them anyway. "
+                     "It neither helps nor hurts; it is insurance for large models with real super experts.")
+    else:
+        verdict_p = (f"Protection changed the kept experts in {protect_changed} of {pairs} (ratio, calibration) "
+                     f"cases and lowered the mean loss in {protect_wins} of them: "
+                     + ("it helps where it acts." if protect_wins * 2 > protect_changed else
+                        "it does not reliably help on this model (at most one or two experts qualify, and keeping "
+                        "one costs another expert REAP ranked higher)."))
+    if merge_wins * 2 > pairs:
+        verdict_m = (f"Merging beats pruning on mean loss in {merge_wins} of {pairs} cases ({merge_domain_wins} of "
+                     f"{3 * pairs} domain cells): folding the dropped experts in keeps some of what they did.")
+    else:
+        verdict_m = (f"Merging does not beat plain pruning: lower mean loss in only {merge_wins} of {pairs} cases "
+                     f"({merge_domain_wins} of {3 * pairs} domain cells). Averaging weights of experts that were "
+                     "trained apart blurs the kept expert (their hidden units are not aligned, so the average is "
+                     "not an average of functions), which is the REAP paper's finding for generative loss too.")
+    lines += [verdict_p, "", verdict_m]
+    return lines
 
 
 if __name__ == "__main__":
