@@ -63,6 +63,8 @@ def summarize(model: MoEModel) -> dict:
         "router_bytes": sum(router_bytes.values()),
         "pruned_bytes": {f"{r:.2f}": pruned_size(model, r, expert_bytes, router_bytes) for r in RATIOS},
         "experts_kept": {f"{r:.2f}": _kept(model.num_experts, r) for r in RATIOS},
+        # what every other command would refuse (surgery.arch.consistency): inspect reports, never refuses
+        "problems": [{"rule": p.rule, "subject": p.subject, "message": p.message} for p in model.problems()],
     }
 
 

@@ -44,9 +44,15 @@ def edit_json(path: Path, fn) -> None:
 
 
 def drop_from_index(out: Path, predicate) -> None:
-    """Remove index entries (keeping total_size right, so the check under test is the one that fires)."""
+    """Remove tensors from the index and their shards (keeping total_size right, so the check under test
+    is the one that fires: a shard tensor left out of the index alone is refused by the index rule)."""
+    from safetensors.torch import load_file, save_file
+
     with Checkpoint(out) as ckpt:
         sizes = {n: t.nbytes for n, t in ckpt.tensors.items()}
+        shards = {ckpt.shards[t.shard].path for n, t in ckpt.tensors.items() if predicate(n)}
+    for path in shards:
+        save_file({k: v for k, v in load_file(path).items() if not predicate(k)}, path, metadata={"format": "pt"})
 
     def fn(index):
         index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not predicate(k)}

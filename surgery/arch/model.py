@@ -36,7 +36,11 @@ def find_spec(config: dict, where: object) -> ArchSpec:
 class MoEModel:
     """Architecture facts about one checkpoint, from `config.json`, the table and the headers."""
 
-    def __init__(self, ckpt: Checkpoint) -> None:
+    def __init__(self, ckpt: Checkpoint, check: bool = True) -> None:
+        """`check`: refuse, in one line, a checkpoint that disagrees with itself (index vs shards, shapes
+        vs config.json, quantization, routing fields; `surgery.arch.consistency`) before any weight is
+        read. Every command opens checkpoints through here; only `inspect` (which reports the problems)
+        and `verify` (which names the failed rule) pass False and call the check themselves."""
         self.ckpt = ckpt
         if not ckpt.config:
             raise SurgeryError("config.json is missing or empty", ckpt.config_path)
@@ -63,6 +67,16 @@ class MoEModel:
         self._bias_re = re.compile(f"^{moe_re}(?:{'|'.join(re.escape(n) for n in spec.router_biases) or '$^'})$")
         fused = "|".join(re.escape(n) for n in spec.fused_on_disk) or "$^"
         self._fused_re = re.compile(f"^{moe_re}(?:{fused})$")
+        if check:
+            from surgery.arch.consistency import check_consistency
+
+            check_consistency(self)
+
+    def problems(self) -> list:
+        """Every consistency problem of this checkpoint (`surgery.arch.consistency.Problem`s)."""
+        from surgery.arch.consistency import find_problems
+
+        return find_problems(self)
 
     @cached_property
     def hf_config(self):

@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from surgery.arch.model import MoEModel
@@ -20,9 +21,10 @@ def inspect_cmd(
     model: str = typer.Argument(..., help="Checkpoint directory or hub id (from the local HF cache)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """What is in a checkpoint and what pruning would do to it; reads headers only, no weights."""
+    """What is in a checkpoint and what pruning would do to it; reads headers only, no weights. Problems
+    that other commands would refuse the checkpoint for are listed, not refused."""
     with Checkpoint(resolve_model(model)) as ckpt:
-        info = summarize(MoEModel(ckpt))
+        info = summarize(MoEModel(ckpt, check=False))
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -45,6 +47,12 @@ def inspect_cmd(
     for r, size in info["pruned_bytes"].items():
         rows.append((f"after pruning {float(r):.0%}", f"{human_bytes(size)} "
                      f"({info['experts_kept'][r]} experts per layer)"))
+    problems = info["problems"]
+    rows.append(("consistency", "OK (index, shapes, dtypes, quantization and routing agree with config.json)"
+                 if not problems else f"[red]{len(problems)} problem(s): other commands refuse this checkpoint[/red]"))
     for k, v in rows:
         t.add_row(f"[bold]{k}[/bold]", v)
-    Console().print(t)
+    console = Console(soft_wrap=True)
+    console.print(t)
+    for p in problems:
+        console.print(f"[red]problem[/red] ({p['rule']}): {escape(p['message'])}", highlight=False)
