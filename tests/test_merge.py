@@ -237,7 +237,7 @@ def test_edited_merge_plans_are_validated(tiny_checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     from surgery.cli import main
 
     monkeypatch.setattr(sys, "argv", ["surgery", *args])
@@ -246,7 +246,22 @@ def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_plan_cli_merge_summary(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    with Checkpoint(tiny_checkpoint("mixtral")) as ckpt:
+        model = MoEModel(ckpt)
+        write_work(model, tmp_path / "work", seed=4, hidden=64, unrouted={2: [5, 6, 7]})
+    code, out, err = run_cli(monkeypatch, capsys, "plan", str(tmp_path / "work"), "--method", "merge", "--ratio",
+                             "0.5", "--summary")
+    assert code == 0, err
+    plan = load_plan(tmp_path / "work" / "plan.json")
+    merged = sum(len(v) for e in plan["layers"].values() for v in e["merge"].values())
+    unmerged = sum(e in plan["layers"]["2"]["drop"] for e in (5, 6, 7))
+    assert f"merge: {merged} dropped experts folded into" in out and f"{unmerged} dropped without routed" in out
+    assert merged + unmerged == 12 and "layer 0: " in out and " <- " in out
 
 
 def test_prune_method_merge_on_the_trained_fixture(shared_fixtures, tmp_path, monkeypatch, capsys):
@@ -256,10 +271,10 @@ def test_prune_method_merge_on_the_trained_fixture(shared_fixtures, tmp_path, mo
 
     src = shared_fixtures / "tinymoe-m2"
     out = tmp_path / "out"
-    code, err = run_cli(monkeypatch, capsys, "prune", str(src), "--out", str(out), "--method", "merge",
-                        "--keep", "16", "--multiple-of", "8", "--protect", "super",
-                        "--dataset", str(shared_fixtures / "text" / "code.calib.jsonl"), "--samples", "4",
-                        "--max-length", "48", "--no-progress")
+    code, _out, err = run_cli(monkeypatch, capsys, "prune", str(src), "--out", str(out), "--method", "merge",
+                              "--keep", "16", "--multiple-of", "8", "--protect", "super",
+                              "--dataset", str(shared_fixtures / "text" / "code.calib.jsonl"), "--samples", "4",
+                              "--max-length", "48", "--no-progress")
     assert code == 0, err
     work = out.with_name("out.work")
     plan = load_plan(work / "plan-merge-keep16-m8-protect-super.json")

@@ -22,11 +22,13 @@ resumed rewrite produces the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,6 +44,7 @@ from surgery.jsonio import read_json, write_json_atomic
 from surgery.plan.core import kept_map, normalized, plan_hash, validate_plan
 from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
 from surgery.rewrite.merge import ExpertMerger
+from surgery.rewrite.tensor_manifest import TENSORS_FILE, shard_records, write_tensor_manifest
 
 MANIFEST = ".surgery-rewrite.json"
 LOCK = ".surgery-rewrite.lock"
@@ -51,7 +54,11 @@ FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
                    ".npz", ".distcp")
 WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
-OWN_FILES = {"config.json", INDEX_NAME, PROVENANCE, MANIFEST, LOCK}
+OWN_FILES = {"config.json", INDEX_NAME, PROVENANCE, MANIFEST, LOCK, TENSORS_FILE}
+# Test hook: free bytes to report for OUT's file system instead of the real figure (nothing else reads it)
+FREE_SPACE_ENV = "SURGERY_TEST_FREE_BYTES"
+# Space for what is written besides shards and extra files (index, config, provenance, manifests)
+SMALL_FILES_SLACK = 1 << 20
 
 
 def _check_paths(model_dir: Path, out_dir: Path) -> None:
@@ -168,9 +175,34 @@ def write_shard(ckpt: Checkpoint, shard: OutShard, path: Path, on_bytes=None) ->
     return w.size, w.sha256
 
 
+def _regular_size(path: Path, rel: Path) -> int:
+    """The size of an extra file that is (or, through symlinks, leads to) a regular file; anything else
+    is refused in one line. Why: copying follows symlinks (a hub cache snapshot's files are links into
+    ../../blobs), so a dangling link or a loop fails mid-copy, a FIFO blocks, /dev/zero never ends."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        target = os.readlink(path) if path.is_symlink() else "?"
+        raise SurgeryError(f"extra file {rel.as_posix()!r} is a dangling symlink (to {target!r}); expected a "
+                           "regular file: fix or remove it (nothing was written)", path) from None
+    except OSError as exc:
+        what = "a symlink loop" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
+        raise SurgeryError(f"extra file {rel.as_posix()!r} is {what}; expected a regular file: fix or remove it "
+                           "(nothing was written)", path) from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(st.st_mode) else "a character device" if stat.S_ISCHR(st.st_mode)
+                else "a block device" if stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        via = f" (through a symlink to {os.path.realpath(path)!r})" if path.is_symlink() else ""
+        raise SurgeryError(f"extra file {rel.as_posix()!r} is {kind}{via}; only regular files are copied: remove "
+                           "it (nothing was written)", path)
+    return st.st_size
+
+
 def _extra_files(model_dir: Path, shard_names: set[str]) -> tuple[list[Path], list[Path]]:
     """Non-weight files to copy (tokenizer, templates, generation config, remote code, docs ...) and
-    weight files in other formats that are left out, as paths relative to the model directory."""
+    weight files in other formats that are left out, as paths relative to the model directory. Every
+    file to copy is checked to be a regular file (see `_regular_size`) before anything is written."""
     copy, skipped = [], []
     for root, dirs, files in os.walk(model_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -185,8 +217,51 @@ def _extra_files(model_dir: Path, shard_names: set[str]) -> tuple[list[Path], li
             if name.endswith(WEIGHT_SUFFIXES) or name.endswith(WEIGHT_INDEXES):
                 skipped.append(rel)
             else:
+                _regular_size(Path(root) / name, rel)
                 copy.append(rel)
     return copy, skipped
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    fake = os.environ.get(FREE_SPACE_ENV)
+    if fake:
+        return int(fake)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _check_free_space(out_dir: Path, need: int) -> None:
+    """Refuse before the first shard when the output (its size is known from the plan) cannot fit."""
+    from surgery.inspect import human_bytes
+
+    free = free_bytes(out_dir)
+    if need > free:
+        raise SurgeryError(f"not enough free space: the output needs {human_bytes(need)} ({need} bytes) and "
+                           f"{human_bytes(free)} ({free} bytes) are free; nothing was written", out_dir)
+
+
+def _copied_tensor(model: MoEModel, merger: ExpertMerger | None):
+    """Which output tensors are byte copies of their input (hashed for `verify`): not router rows or
+    fused slices, and not the experts of a layer where the plan merges experts."""
+    merged_layers = set(merger.groups) if merger is not None else set()
+
+    def copied(t: OutTensor) -> bool:
+        if t.rows is not None:
+            return False
+        if merged_layers:
+            role = model.classify(t.source.name)
+            return not (role.kind in ("expert", "fused") and role.layer in merged_layers)
+        return True
+
+    return copied
+
+
+def _commit_and_hash(w: SafetensorsWriter, ckpt: Checkpoint, shard: OutShard, copied) -> dict[str, dict]:
+    """Make a streamed shard durable, then hash its tensors' input bytes (still in the page cache)."""
+    w.commit()
+    return shard_records(ckpt, shard, copied)
 
 
 def _copy_file(src: Path, dst: Path) -> None:
@@ -237,7 +312,7 @@ def provenance(model_dir: Path, model: MoEModel, plan: dict, phash: str, n_keep:
     prov = {
         "tool": "surgery",
         "version": surgery.__version__,
-        "operation": "expert pruning",
+        "operation": "expert merging" if plan.get("method") == "merge" else "expert pruning",
         "method": plan.get("method"),
         "ratio": plan.get("ratio"),
     }
@@ -315,6 +390,10 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
         state, manifest = _state(out_dir, phash)  # refusals happen here, before anything is written
         if state == "complete":
             return _already_complete(out_dir, written, summary, t0)
+        copy, skipped = _extra_files(model_dir, set(ckpt.shards))  # odd files refused before any shard
+        if state == "fresh":  # (a resumed run checks what is left to write in _write_shards)
+            extra = sum((model_dir / rel).stat().st_size for rel in copy)
+            _check_free_space(out_dir, summary["output_bytes"] + extra + SMALL_FILES_SLACK)
         out_dir.mkdir(parents=True, exist_ok=True)
         with _locked(out_dir):
             # again under the lock: another process may have finished (or started) this OUT meanwhile
@@ -331,12 +410,16 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
                 from rich.console import Console
 
                 Console(stderr=True).print(f"resuming: verifying {len(manifest['shards'])} finished shard(s)")
-            _write_shards(ckpt, written, out_dir, manifest, summary, progress, merger)
+            copied = _copied_tensor(model, merger)
+            _write_shards(ckpt, written, out_dir, manifest, summary, progress, merger, copied)
             if ckpt.index_path is not None:
                 write_json_atomic(out_dir / INDEX_NAME, _index(ckpt, written), indent=2)
             elif [s.name for s in written] != [SINGLE_NAME]:
                 raise SurgeryError("internal error: single-file checkpoint produced other shards", out_dir)
-            copy, skipped = _extra_files(model_dir, set(ckpt.shards))
+            records: dict[str, dict] = {}
+            for s in written:  # shards recorded by an older version carry no hashes: hash them now
+                records.update(manifest["shards"][s.name].get("tensors") or shard_records(ckpt, s, copied))
+            write_tensor_manifest(out_dir, records)
             for rel in copy:
                 _copy_file(model_dir / rel, out_dir / rel)
             summary["copied_files"] = [p.as_posix() for p in copy]
@@ -364,8 +447,10 @@ def _already_complete(out_dir: Path, written: list[OutShard], summary: dict, t0:
 
 
 def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manifest: dict, summary: dict,
-                  progress: bool, merger: ExpertMerger | None = None) -> None:
-    """Write every shard not already finished (and still intact), recording each in the manifest."""
+                  progress: bool, merger: ExpertMerger | None = None, copied=None) -> None:
+    """Write every shard not already finished (and still intact), recording each in the manifest (with
+    the SHA-256 of the input bytes of its `copied` tensors, for `verify`)."""
+    copied = copied or (lambda t: t.rows is None)
     done = manifest.setdefault("shards", {})
     todo_bytes = 0
     reuse: set[str] = set()
@@ -376,7 +461,7 @@ def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manif
         else:
             done.pop(s.name, None)
             todo_bytes += s.file_size
-    free = shutil.disk_usage(out_dir).free
+    free = free_bytes(out_dir)
     if todo_bytes > free:
         raise SurgeryError(f"not enough free space: the rewrite needs {todo_bytes / 1e9:.2f} GB more, "
                            f"{free / 1e9:.2f} GB are free", out_dir)
@@ -387,8 +472,7 @@ def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manif
 
     def settle() -> None:
         fut, s, w = pending.pop()
-        fut.result()
-        done[s.name] = {"size": w.size, "sha256": w.sha256}
+        done[s.name] = {"size": w.size, "sha256": w.sha256, "tensors": fut.result()}
         write_json_atomic(out_dir / MANIFEST, manifest)
         summary["shards_written"] += 1
         summary["bytes_written"] += w.size
@@ -401,7 +485,7 @@ def _write_shards(ckpt: Checkpoint, shards: list[OutShard], out_dir: Path, manif
                 continue
             bar.update(task, description=s.name)
             w = stream_shard(ckpt, s, out_dir / s.name, on_bytes=lambda n: bar.advance(task, n), merger=merger)
-            fut = finisher.submit(w.commit)
+            fut = finisher.submit(_commit_and_hash, w, ckpt, s, copied)
             if pending:
                 settle()
             pending.append((fut, s, w))
