@@ -24,6 +24,7 @@ def _root() -> None:
 
 COMMAND_MODULES = (
     "inspect", "calibrate", "plan", "rewrite", "prune", "verify", "eval", "fidelity", "report", "data", "demo",
+    "quantize",
 )
 
 

@@ -1,0 +1,75 @@
+"""`surgery quantize MODEL --out OUT --scheme w4a16 [--method rtn|gptq]`: W4A16 in AutoRound's
+auto_gptq packing, streamed shard by shard (RTN) or layer by layer (GPTQ); resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from surgery.checkpoint.resolve import resolve_model
+from surgery.cli import app
+from surgery.commands import options as o
+from surgery.errors import SurgeryError
+
+SCHEMES = ("w4a16",)
+METHODS = ("rtn", "gptq")
+
+
+def check_quant_options(scheme: str, method: str, group_size: int) -> None:
+    """Bad options fail in one line before any model work."""
+    if scheme.lower() not in SCHEMES:
+        raise SurgeryError(f"unknown --scheme {scheme!r} (supported: {', '.join(SCHEMES)})")
+    if method not in METHODS:
+        raise SurgeryError(f"unknown --method {method!r} (use rtn or gptq)")
+    if group_size < 32 or group_size % 32:
+        raise SurgeryError(f"--group-size must be a positive multiple of 32, got {group_size}")
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = typer.Argument(..., help="Checkpoint directory or hub id (bf16/fp32, or FP8 block-scaled)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory: new, empty, or an interrupted run."),
+    scheme: str = typer.Option("w4a16", "--scheme", help="Quantization scheme (w4a16)."),
+    method: str = typer.Option("rtn", "--method", help="rtn (AutoRound's RTN, bit for bit) or gptq (calibrated)."),
+    group_size: int = typer.Option(128, "--group-size", help="Inputs per scale group."),
+    quantize_dense: bool = typer.Option(False, "--quantize-dense", help="Also quantize dense layers' MLPs."),
+    work: Path | None = typer.Option(None, "--work", "-w", help="GPTQ work directory (default: OUT.quant-work)."),
+    dataset: list[str] = o.DATASET,
+    samples: int = o.SAMPLES,
+    max_length: int = o.MAX_LENGTH,
+    batch_size: int = o.BATCH_SIZE,
+    device: str = o.DEVICE,
+    dtype: str = o.DTYPE,
+    seed: int = o.SEED,
+    pack: bool = o.PACK,
+    no_progress: bool = o.NO_PROGRESS,
+) -> None:
+    """Quantize MODEL's attention and expert weights to 4 bits (W4A16) into OUT. Run again to resume."""
+    check_quant_options(scheme, method, group_size)
+    from surgery.pipeline import DataOptions
+    from surgery.quant.pipeline import quantize
+
+    data = DataOptions(list(dataset), samples, max_length, seed, pack)
+    summary = quantize(resolve_model(model), out, method=method, group_size=group_size,
+                       quantize_dense=quantize_dense, work=work, data=data, batch_size=batch_size, device=device,
+                       dtype=dtype, progress=not no_progress)
+    report(summary, out)
+
+
+def report(summary: dict, out: Path) -> None:
+    from surgery.inspect import human_bytes
+
+    console = Console(stderr=True, soft_wrap=True)
+    if summary["already_complete"]:
+        console.print(f"already complete: {out} (nothing to do)")
+        return
+    reused = f", {summary['shards_reused']} verified and reused" if summary["shards_reused"] else ""
+    fallback = ""
+    if summary.get("rtn_fallback"):
+        fallback = f"; {summary['rtn_fallback']} expert weights with too few tokens fell back to RTN"
+    console.print(f"W4A16 ({summary['method']}, group {summary['group_size']}): {summary['quantized_tensors']} "
+                  f"tensors quantized, {summary['kept_linears']} linears kept 16-bit{fallback}; wrote "
+                  f"{summary['shards_written']} shards{reused}; {human_bytes(summary['input_bytes'])} -> "
+                  f"{human_bytes(summary['output_bytes'])} in {summary['seconds']:.1f} s -> {out}")

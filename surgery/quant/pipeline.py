@@ -1,0 +1,23 @@
+"""`surgery quantize` as one resumable job: (GPTQ: calibrate layer by layer into WORK) then write OUT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.checkpoint.reader import Checkpoint
+
+
+def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int = 128,
+             quantize_dense: bool = False, work: Path | None = None, data=None, batch_size: int = 8,
+             device: str = "auto", dtype: str = "auto", progress: bool = True) -> dict:
+    from surgery.quant.run import rtn_source, write_quantized
+
+    if method == "rtn":
+        with Checkpoint(model_dir) as ckpt:
+            return write_quantized(model_dir, out, rtn_source(ckpt, group_size), method="rtn",
+                                   group_size=group_size, quantize_dense=quantize_dense, progress=progress)
+    from surgery.quant.driver import run_gptq
+
+    work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
+    return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
+                    batch_size=batch_size, device=device, dtype=dtype, progress=progress)

@@ -1,0 +1,114 @@
+"""Which tensors of a checkpoint W4A16 quantizes, from the architecture table and the headers alone.
+
+Quantized: every 2-D linear weight of attention (the table's `quant_linears`, e.g. `self_attn.`), of
+every routed expert and of the shared experts, in decoder layers and MTP decoder layers alike; a dense
+layer's MLP (`dense_mlp`) only when asked. Not quantized: routers and their biases, norms, embeddings,
+lm_head, MTP extras (enorm/hnorm/eh_proj/shared_head), and — as AutoRound does — any linear whose
+output or input size is not a multiple of 32 (the packing and the serving kernels need it). Linear
+modules inside the decoder layers that stay 16-bit are listed so that `extra_config` can say so.
+
+FP8 block-scaled inputs: a quantized weight's `weight_scale_inv` is consumed; an FP8 weight that is not
+quantized is written dequantised in the checkpoint's compute dtype (the output's quantization_config
+is W4A16, so nothing may stay FP8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from surgery.arch.model import MoEModel
+from surgery.checkpoint.fp8 import SCALE_SUFFIX
+from surgery.errors import SurgeryError
+
+ALIGN = 32  # AutoRound keeps linears with a dimension not divisible by 32 in 16 bits (vLLM's kernels need it)
+FLOAT_DTYPES = ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One linear weight to quantize: its on-disk name, shape and where it sits."""
+
+    name: str  # ".../q_proj.weight"
+    out_features: int
+    in_features: int
+    layer: int
+    kind: str  # "attention", "expert", "shared" or "dense"
+    expert: int | None = None  # routed experts: the expert index
+    role: str | None = None  # routed experts: "gate", "up" or "down"
+    scale: str | None = None  # FP8: the weight_scale_inv it consumes
+
+    @property
+    def module(self) -> str:
+        return self.name.removesuffix(".weight")
+
+
+@dataclass
+class QuantTargets:
+    targets: dict[str, Target] = field(default_factory=dict)  # weight name -> target
+    kept_linears: list[str] = field(default_factory=list)  # module names left 16-bit inside the layers
+    fp8_dequant: dict[str, str] = field(default_factory=dict)  # FP8 weight kept unquantized -> its scale
+    consumed: set[str] = field(default_factory=set)  # scale tensors that are not written
+
+    def by_layer(self, layer: int) -> list[Target]:
+        return [t for t in self.targets.values() if t.layer == layer]
+
+
+def check_quantizable(model: MoEModel) -> None:
+    """Refuse, in one line, what this packing cannot express."""
+    model.check_supported()
+    if model.spec.fused_on_disk:
+        raise SurgeryError(f"{model.spec.family}: routed experts are stored fused on disk ([E, ...] tensors); "
+                           "W4A16 packs 2-D linear weights only", model.ckpt.directory)
+
+
+def find_targets(model: MoEModel, quantize_dense: bool = False) -> QuantTargets:
+    """Classify every tensor of the checkpoint for W4A16 (headers only, no tensor data read)."""
+    check_quantizable(model)
+    spec, ckpt = model.spec, model.ckpt
+    moe_layers = set(model.moe_layers) | set(model.mtp_expert_layers())
+    shared = tuple(spec.moe_disk + "." + s for s in spec.shared_experts)
+    out = QuantTargets()
+    for name, info in ckpt.tensors.items():
+        layer = model.layer_of(name)
+        has_scale = name.endswith("weight") and (name.removesuffix("weight") + SCALE_SUFFIX) in ckpt
+        is_linear = name.endswith(".weight") and len(info.shape) == 2 and info.dtype in FLOAT_DTYPES
+        if not is_linear or layer is None:
+            if has_scale:
+                out.fp8_dequant[name] = name.removesuffix("weight") + SCALE_SUFFIX
+            continue
+        rel = name[len(model.layer_prefix(layer)):]
+        role = model.classify(name)
+        kind = None
+        if layer >= model.num_layers and rel.startswith(spec.mtp_extras):
+            kind = None  # MTP extras: embedding, norms' partners, eh_proj, shared head
+        elif role.kind == "expert":
+            kind = "expert"
+        elif role.kind in ("router", "fused"):
+            kind = None
+        elif rel.startswith(spec.quant_linears):
+            kind = "attention"
+        elif layer in moe_layers and shared and rel.startswith(shared):
+            kind = "shared"
+        elif layer not in moe_layers and rel.startswith(spec.dense_mlp) and quantize_dense:
+            kind = "dense"
+        out_f, in_f = info.shape
+        if kind is None or out_f % ALIGN or in_f % ALIGN:
+            out.kept_linears.append(name.removesuffix(".weight"))
+            if has_scale:
+                out.fp8_dequant[name] = name.removesuffix("weight") + SCALE_SUFFIX
+            continue
+        scale = name.removesuffix("weight") + SCALE_SUFFIX if has_scale else None
+        proj_role = None
+        if kind == "expert":
+            role_of = {proj: r for r, proj in spec.projections.items()}
+            proj_role = role_of.get(role.rest.removesuffix(".weight"))
+            if proj_role is None:
+                raise SurgeryError(f"unexpected expert tensor {name!r} for family {spec.family}", ckpt.directory)
+        out.targets[name] = Target(name, out_f, in_f, layer, kind, role.expert if kind == "expert" else None,
+                                   proj_role, scale)
+        if scale:
+            out.consumed.add(scale)
+    for scale in out.fp8_dequant.values():
+        out.consumed.add(scale)
+    out.kept_linears.sort()
+    return out
