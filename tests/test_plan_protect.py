@@ -281,6 +281,6 @@ def test_plan_cli_protect_summary_and_file(tiny_checkpoint, tmp_path, monkeypatc
     plan = load_plan(work / "plan.json")
     assert plan["protect"]["mode"] == "super" and plan["protect"]["considered_layers"] == [0, 2]
     assert plan["layers"]["0"]["protected"] == {str(weakest): value} and weakest in plan["layers"]["0"]["keep"]
-    assert plan["n_keep"] == 6 and plan["multiple_of"] == 4
+    assert plan["requested_keep"] == 6 and plan["multiple_of"] == 4 and plan["n_keep"] == 4
     with Checkpoint(tiny_checkpoint("qwen3_moe")) as ckpt:
         validate_plan(plan, MoEModel(ckpt))

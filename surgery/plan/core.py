@@ -30,7 +30,7 @@ from surgery.inspect import layer_ranges
 from surgery.jsonio import read_json
 from surgery.plan.counts import kept_count, n_keep_for  # noqa: F401 - re-exported
 from surgery.plan.merge import SALIENCIES, mean_outputs, merge_groups
-from surgery.plan.protect import protected_experts
+from surgery.plan.protect import MODES, Protection, protected_experts
 
 METHODS = ("reap", "frequency", "ean", "weighted_frequency", "random")  # rank by a saliency and drop
 PLAN_METHODS = (*METHODS, "merge")  # merge: keep what a saliency keeps, fold the dropped into the kept
@@ -123,8 +123,6 @@ def check_request(model: MoEModel, method: str, ratio: float | None = None, *, k
                   multiple_of: int | None = None, protect: str | None = None, merge_saliency: str = "reap") -> int:
     """Everything about a plan request that needs no saliency (method, protection mode, merge saliency,
     the kept count), so `prune` refuses an impossible one before calibrating; returns the kept count."""
-    from surgery.plan.protect import MODES
-
     if method not in PLAN_METHODS:
         raise SurgeryError(f"unknown method {method!r}; choose one of {', '.join(PLAN_METHODS)}")
     if method == "merge" and merge_saliency not in SALIENCIES:
@@ -192,9 +190,11 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
     if ratio is not None:
         plan["ratio"] = ratio
     if keep is not None:
-        plan["n_keep"] = keep
+        plan["requested_keep"] = keep
     if multiple_of is not None:
         plan["multiple_of"] = multiple_of
+    if keep is not None or multiple_of is not None:
+        plan["n_keep"] = n_keep  # what every layer keeps, after rounding
     if method == "random":
         plan["seed"] = seed
     if method == "merge":
@@ -212,7 +212,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
 
 
 def _check_room(model: MoEModel, layer: int, guarded: dict[int, float], n_keep: int, n_group: int,
-                protection) -> None:
+                protection: Protection) -> None:
     """Refuse when a layer (or one of its routing groups) has more protected experts than it keeps:
     the reference would then prune protected experts after all, which is not what was asked."""
     size = model.num_experts // n_group
