@@ -24,3 +24,9 @@ test: setup
 
 lint:
     {{venv}}/bin/ruff check surgery tests tools
+
+# On a CUDA machine, not CI: sets up .venv with a CUDA torch, generates a 2-layer MiniMax-M2-shaped FP8
+# checkpoint, runs calibrate's CUDA paths against a CPU run and prints one table, in under 8 minutes.
+# CUDA paths vs CPU on a MiniMax-M2-shaped FP8 checkpoint (exits 2 without a GPU)
+gpu-check *ARGS:
+    bash tools/gpu/check.sh {{ARGS}}

@@ -1,0 +1,312 @@
+"""The CUDA paths of `surgery calibrate`, checked against the CPU in one shot (run by tools/gpu/check.sh).
+
+Why one prepared script: GPU time is scarce and lent by the minute; everything that needs a GPU to be
+believed — the device tier, pinned staging buffers, FP8 dequantised on the device, experts paged in
+chunks under a small `--memory-budget`, two ranks when there are two GPUs — runs here back to back on
+a checkpoint with MiniMax-M2's exact layer shapes in the hub FP8 layout (tools/gen_fullwidth.py), and
+is compared with a CPU float32 run on the same few tokens: frequencies must be equal, every other
+statistic within 1e-3 relative. One table comes out: per layer (where the run recorded a per-layer
+split; otherwise per run) read, host->device, dequant, compute, GPU peak and wall against a cold read
+of the same bytes. Exit status: 0 all equal, 1 a comparison failed or a run failed, 2 no CUDA.
+
+    tools/gpu/check.sh                       # what `just gpu-check` runs
+    .venv/bin/python tools/gpu/check.py [--layers 2 --experts 256 --samples 2 --max-length 64 --budget 2GB]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+import bench_paging as bp  # noqa: E402  (page-cache dropping, tree memory, record reading)
+
+WORK = REPO / ".cache" / "gpu-check"
+FREQ_KEYS = ("frequency",)
+REL_TOL = 1e-3
+CLI = [sys.executable, "-m", "surgery"]  # --surgery CMD replaces it
+
+
+@dataclass
+class Result:
+    """One calibrate run on the device (or the CPU reference)."""
+
+    name: str
+    args: list[str]
+    wall_s: float = 0.0
+    rc: int = 0
+    peak_anon: int = 0
+    gpu_peak_nvml: int = 0  # bytes, the whole device as NVML sees it (CUDA context included)
+    breakdown: dict = field(default_factory=dict)
+    record: dict = field(default_factory=dict)
+    verdict: str = ""
+    log: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- GPU memory
+class GpuMemory(threading.Thread):
+    """Peak used memory summed over the GPUs, via NVML when importable, else nvidia-smi (coarser)."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peak = 0
+        self.stop = threading.Event()
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            self._read = lambda: sum(pynvml.nvmlDeviceGetMemoryInfo(h).used for h in handles)
+            self.period = 0.02
+        except Exception:  # noqa: BLE001 - no NVML bindings in this environment: fall back
+            self._read = self._smi
+            self.period = 0.2
+
+    @staticmethod
+    def _smi() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True)
+        return sum(int(x) for x in out.stdout.split()) * 2**20 if out.returncode == 0 else 0
+
+    def run(self) -> None:
+        base = self._read()
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self._read() - base)
+            self.stop.wait(self.period)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def calibrate(model: Path, name: str, extra: list[str], args: argparse.Namespace, files: list[Path]) -> Result:
+    work = WORK / f"work-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    argv = [*CLI, "calibrate", str(model), "--work", str(work), "--dataset", "builtin:code",
+            "--samples", str(args.samples), "--max-length", str(args.max_length), "--batch-size", "1",
+            "--no-progress", *extra]
+    res = Result(name, extra, log=str(WORK / f"log-{name}.txt"))
+    gpu = GpuMemory()
+    gpu.start()
+    run = bp.measure(bp.Run(name, argv, work=str(work), log=res.log), files, args.timeout)
+    gpu.stop.set()
+    gpu.join()
+    res.wall_s, res.rc, res.peak_anon, res.gpu_peak_nvml = run.wall_s, run.rc, run.peak_anon, gpu.peak
+    res.breakdown = run.breakdown
+    res.record = read_record(work)
+    print(f"  {name}: {res.wall_s:.1f} s, exit {res.rc}, host anon peak {bp.gb(res.peak_anon)}, GPU peak (NVML) "
+          f"{bp.gb(res.gpu_peak_nvml)}", flush=True)
+    if res.rc:
+        print("    " + "\n    ".join(Path(res.log).read_text(errors="replace").splitlines()[-12:]), flush=True)
+    return res
+
+
+def read_record(work: Path) -> dict:
+    """Whatever summary the run left (summary.json, else manifest.json's 'summary' or the manifest)."""
+    for name in ("summary.json", "manifest.json"):
+        p = work / name
+        if p.is_file():
+            data = json.loads(p.read_text())
+            return data.get("summary", data) if isinstance(data, dict) else {}
+    return {}
+
+
+def compare(ref: Path, got: Path) -> tuple[bool, str]:
+    """CPU float32 vs CUDA float32: frequencies equal, other statistics within REL_TOL relative."""
+    if not ref.is_file() or not got.is_file():
+        return False, "no saliency.json"
+    import numpy as np
+
+    a, b = json.loads(ref.read_text())["layers"], json.loads(got.read_text())["layers"]
+    if a.keys() != b.keys():
+        return False, f"layers differ: {sorted(a)} vs {sorted(b)}"
+    freq_diff, worst, where = 0, 0.0, ""
+    for layer in a:
+        for key, x in a[layer].items():
+            x, y = np.asarray(x, dtype=np.float64), np.asarray(b[layer].get(key), dtype=np.float64)
+            if key in FREQ_KEYS:
+                freq_diff += int(np.sum(x != y))
+                continue
+            floor = 1e-6 * max(float(np.max(np.abs(x))), 1e-30)  # experts with ~0 statistics: absolute
+            rel = float(np.max(np.abs(x - y) / np.maximum(np.abs(x), floor))) if x.size else 0.0
+            if rel > worst:
+                worst, where = rel, f"layer {layer} {key}"
+    ok = freq_diff == 0 and worst <= REL_TOL
+    text = f"frequencies {'equal' if freq_diff == 0 else f'DIFFER in {freq_diff} entries'}; max rel {worst:.1e}"
+    return ok, text + (f" ({where})" if where and worst > REL_TOL else "")
+
+
+# ---------------------------------------------------------------------------------------------- table
+LAYER_KEYS = {"wall": ("wall", "seconds", "total", "elapsed"), "gpu_peak": ("peak_gpu", "gpu_peak", "peak_gpu_mb")}
+
+
+def layer_rows(res: Result) -> dict[str, dict[str, float]]:
+    """{layer: {read, transfer, dequant, compute, wall, gpu_peak}} from the run's record, if per-layer."""
+    rows = bp.per_layer(res.record) if res.record else {}
+    src = None
+    for key in ("per_layer", "layers", "layer_timings", "timings"):
+        node = res.record.get(key)
+        if isinstance(node, (list, dict)) and node:
+            src = node
+            break
+    if isinstance(src, list):
+        src = {str(x.get("layer", i)): x for i, x in enumerate(src) if isinstance(x, dict)}
+    if isinstance(src, dict):
+        for layer, rec in src.items():
+            if not isinstance(rec, dict):
+                continue
+            row = rows.setdefault(str(layer), {})
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    kl = k.lower()
+                    for cat, frags in LAYER_KEYS.items():
+                        if cat not in row and any(f == kl or kl.startswith(f + "_") for f in frags):
+                            row[cat] = float(v) * (2**20 if kl.endswith("_mb") and cat == "gpu_peak" else 1)
+    return {k: v for k, v in rows.items() if v}
+
+
+def shard_of_layer(model: Path) -> dict[str, Path]:
+    index = json.loads((model / "model.safetensors.index.json").read_text())["weight_map"]
+    out: dict[str, Path] = {}
+    for name, shard in index.items():
+        if name.startswith("model.layers."):
+            out.setdefault(name.split(".")[2], model / shard)
+    return out
+
+
+def table(results: list[Result], cold: dict[str, float], cold_total: float) -> list[str]:
+    def s(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    lines = ["| run | layer | read s | host→device s | dequant s | compute s | GPU peak | wall s | cold read s "
+             "| wall / cold | saliency vs CPU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        rows = layer_rows(r)
+        gpu_total = r.record.get("peak_gpu_mb")
+        gpu_total = gpu_total * 2**20 if isinstance(gpu_total, (int, float)) else r.gpu_peak_nvml
+        for layer, row in sorted(rows.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 1 << 30):
+            c = cold.get(layer)
+            wall = row.get("wall")
+            lines.append(f"| {r.name} | {layer} | {s(row.get('read'))} | {s(row.get('transfer'))} | "
+                         f"{s(row.get('dequant'))} | {s(row.get('compute'))} | {bp.gb(row.get('gpu_peak'))} | "
+                         f"{s(wall)} | {s(c)} | {s(wall / c) if wall and c else '-'} | |")
+        b = r.breakdown
+        status = "" if r.rc == 0 else f" (exit {r.rc})"
+        lines.append(f"| {r.name}{status} | all | {s(b.get('read'))} | {s(b.get('transfer'))} | {s(b.get('dequant'))} "
+                     f"| {s(b.get('compute'))} | {bp.gb(gpu_total)} | {r.wall_s:.2f} | {cold_total:.2f} | "
+                     f"{r.wall_s / cold_total:.2f} | {r.verdict} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--samples", type=int, default=4,
+                   help="documents of builtin:code (tokens = samples x length; batch size 1, so 2 ranks both get rows)")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--budget", default="2GB", help="small --memory-budget that forces chunked experts")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all torch sees)")
+    p.add_argument("--timeout", type=float, default=300, help="seconds before one run is killed")
+    p.add_argument("--keep", action="store_true", help="keep the generated checkpoint and work directories")
+    p.add_argument("--out", type=Path, default=None, help="also write the table (markdown) here")
+    p.add_argument("--gen-args", default="", help="extra tools/gen_fullwidth.py arguments (e.g. a smaller shape)")
+    p.add_argument("--simulate-on-cpu", action="store_true",
+                   help="rehearse the whole script without a GPU: every 'cuda' run runs on the CPU instead")
+    p.add_argument("--surgery", default=None, help="command that runs the CLI under test (default: python -m surgery)")
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    if args.surgery:
+        CLI[:] = shlex.split(args.surgery)
+    bp.SURGERY[:] = CLI
+
+    import torch
+
+    if args.simulate_on_cpu:
+        gpus, names = args.gpus or 1, "none (--simulate-on-cpu: 'cuda' runs are CPU runs)"
+    elif not torch.cuda.is_available():
+        print(f"gpu-check: torch {torch.__version__} sees no CUDA device; nothing to check")
+        return 2
+    else:
+        gpus = args.gpus or torch.cuda.device_count()
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
+    print(f"gpu-check: {gpus} GPU(s): {names}; torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    model = WORK / f"m2-{args.layers}x{args.experts}-fp8"
+    t0 = time.perf_counter()
+    jobs = str(min(args.layers + 1, os.cpu_count() or 1))
+    bp.generate(model, args.layers, args.experts, "fp8", ["--jobs", jobs, "--quiet", *shlex.split(args.gen_args)])
+    files = bp.shards_of(model)
+    size = sum(f.stat().st_size for f in files)
+    print(f"  checkpoint {model}: {bp.gb(size)} in {len(files)} shards ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    # cold read of the same bytes: per layer (one shard each) and all shards
+    cold: dict[str, float] = {}
+    method = ""
+    for layer, shard in shard_of_layer(model).items():
+        method = bp.drop_cache([shard])
+        t = time.perf_counter()
+        subprocess.run(["cat", str(shard)], stdout=subprocess.DEVNULL, check=True)
+        cold[layer] = time.perf_counter() - t
+    cat = bp.cold_cat(files, args.timeout)
+    print(f"  cold read: {cat.wall_s:.1f} s all shards ({method})", flush=True)
+
+    has_budget = bp.supports_budget()
+    plan: list[tuple[str, list[str]]] = [
+        ("cpu-f32", ["--device", "cpu", "--dtype", "float32"]),
+        ("cuda-f32", ["--device", "cuda", "--dtype", "float32"]),
+    ]
+    if has_budget:
+        plan.append((f"cuda-f32-budget-{args.budget}", ["--device", "cuda", "--dtype", "float32",
+                                                       "--memory-budget", args.budget]))
+    plan.append(("cuda-bf16", ["--device", "cuda"]))
+    if gpus >= 2:
+        plan.append(("cuda-f32-2ranks", ["--device", "cuda", "--dtype", "float32", "--nproc", "2"]))
+    if args.simulate_on_cpu:
+        plan = [(name, ["cpu" if a == "cuda" else a for a in extra]) for name, extra in plan]
+    results = [calibrate(model, name, extra, args, files) for name, extra in plan]
+
+    ref = WORK / "work-cpu-f32" / "saliency.json"
+    failed = [r.name for r in results if r.rc]
+    for r in results[1:]:
+        if "bf16" in r.name:
+            r.verdict = "(bf16: not compared)"
+            continue
+        ok, text = compare(ref, WORK / f"work-{r.name}" / "saliency.json")
+        r.verdict = text
+        if not ok and r.name not in failed:
+            failed.append(r.name)
+    results[0].verdict = "(reference)"
+
+    lines = [f"gpu-check: {args.layers} layers x {args.experts} experts (MiniMax-M2 shapes, FP8), {bp.gb(size)}; "
+             f"{args.samples} x {args.max_length} tokens of builtin:code; {names}",
+             "" if has_budget else "(this surgery has no --memory-budget: the chunked-experts run was skipped)",
+             *table(results, cold, cat.wall_s),
+             "",
+             f"cold read: {method}; GPU peak: the run's own record (peak_gpu_mb) where it has one, else NVML's "
+             f"used-memory rise during the run; total {time.perf_counter() - t_start:.0f} s in this script",
+             "PASS" if not failed else "FAIL: " + ", ".join(failed)]
+    text = "\n".join(ln for ln in lines if ln is not None)
+    print(text, flush=True)
+    if args.out:
+        args.out.write_text(text + "\n")
+    (WORK / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
+    if not args.keep:
+        shutil.rmtree(model, ignore_errors=True)
+        for r in results:
+            shutil.rmtree(WORK / f"work-{r.name}", ignore_errors=True)
+    print("commands: " + "; ".join(shlex.join(["surgery", "calibrate", "...", *r.args]) for r in results))
+    return 0 if not failed else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
