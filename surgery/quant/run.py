@@ -72,6 +72,23 @@ def job_hash(job: dict) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
 
 
+def make_job(ckpt: Checkpoint, method: str, group_size: int, quantize_dense: bool, extra: dict | None) -> dict:
+    """What the output depends on: source fingerprint, method, group size, options, calibration inputs."""
+    return {"format": FORMAT, "source": fingerprint(ckpt)["sha256"], "method": method, "group_size": group_size,
+            "quantize_dense": quantize_dense, **(extra or {})}
+
+
+def output_complete(ckpt: Checkpoint, out_dir: Path, method: str, group_size: int, quantize_dense: bool,
+                    extra: dict | None) -> bool:
+    """True when OUT already holds the finished result of this job (so GPTQ need not calibrate)."""
+    out_dir = Path(os.path.abspath(out_dir))
+    prov = out_dir / PROVENANCE
+    if not (prov.is_file() and (out_dir / "config.json").is_file()):
+        return False
+    jhash = job_hash(make_job(ckpt, method, group_size, quantize_dense, extra))
+    return read_json(prov, "provenance").get("quantize_sha256") == jhash
+
+
 def _state(out_dir: Path, jhash: str) -> tuple[str, dict | None]:
     """("fresh" | "resume" | "complete", manifest), or a refusal for an OUT holding something else."""
     allowed = {LOCK, f".{MANIFEST}.tmp"}
@@ -167,9 +184,7 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, source: Source, 
         model = MoEModel(ckpt)
         targets = find_targets(model, quantize_dense)
         layout = plan_quant_layout(model, targets, group_size)
-        fp = fingerprint(ckpt)
-        job = {"format": FORMAT, "source": fp["sha256"], "method": method, "group_size": group_size,
-               "quantize_dense": quantize_dense, **(job_extra or {})}
+        job = make_job(ckpt, method, group_size, quantize_dense, job_extra)
         jhash = job_hash(job)
         written = [s for s in layout if s.tensors]
         summary = {"out": str(out_dir), "method": method, "group_size": group_size, "shards": len(written),
