@@ -296,6 +296,7 @@ class TensorChecker:
         self.where = str(model.ckpt.directory)
         self.problems: list[Problem] = []
         self._expected: dict[tuple[str, ...], tuple[int, ...] | None] = {}
+        self._compiled: dict[str, tuple] = {}
 
     def _shape(self, exprs: tuple[str, ...]) -> tuple[int, ...] | None:
         if exprs not in self._expected:
@@ -305,9 +306,15 @@ class TensorChecker:
     def _add(self, rule: str, name: str, message: str) -> None:
         self.problems.append(Problem(rule, name, message, self.where))
 
-    def _want_shape(self, name: str, key: str, found: tuple[int, ...], want: tuple[int, ...], how: str) -> None:
+    def _how(self, exprs: tuple[str, ...] | None, template: str = "{}") -> str:
+        """Where expected dimensions come from (only computed for a message: per tensor it would cost)."""
+        return template.format(self.dims.explain(exprs)) if exprs else ""
+
+    def _want_shape(self, name: str, key: str, found: tuple[int, ...], want: tuple[int, ...],
+                    exprs: tuple[str, ...] | None, template: str = "{}") -> None:
         if found == want:
             return
+        how = self._how(exprs, template)
         if key in self.rules.routers:  # the expert count is the usual culprit: say it in those words
             self._add("shape", name, f"router tensor {name!r} has shape {list(found)}; config.json says "
                       f"{self.model.num_experts} experts ({self.model.experts_key}), so expected {list(want)} {how}")
@@ -321,23 +328,33 @@ class TensorChecker:
             self._add("dtype", name, f"tensor {name!r} is {dtype}; expected {what} ({', '.join(sorted(allowed))})")
 
     def check(self, name: str, key: str) -> None:
-        """`key` is the rule lookup key of `name`: layer-relative, global, or `EXPERT:<proj>.<suffix>`."""
+        """`key` is the rule lookup key of `name`: layer-relative, global, or `EXPERT:<proj>.<suffix>`. The
+        rule of a key is worked out once (a checkpoint has ~100k tensors but a few dozen keys)."""
+        rule = self._compiled.get(key)
+        if rule is None:
+            rule = self._compiled[key] = self._compile(key)
+        kind, want, exprs, suffix, weight_key = rule
         info = self.tensors[name]
+        if kind == "param":
+            if want is not None and info.shape != want:
+                self._want_shape(name, key, info.shape, want, exprs)
+            if info.dtype not in FLOATS:
+                self._want_dtype(name, info.dtype, FLOATS, "a floating-point dtype")
+        elif kind == "linear":
+            self._linear(name, name[:len(name) - len(suffix)], suffix, info, want, exprs, weight_key)
+        else:
+            self._unmatched(name, info)
+
+    def _compile(self, key: str) -> tuple:
+        """(kind, expected shape or [out, in], its expressions, linear suffix, the module weight's key)."""
         exprs = self.rules.param.get(key)
         if exprs is not None:
-            want = self._shape(exprs)
-            if want is not None:
-                self._want_shape(name, key, info.shape, want, self.dims.explain(exprs))
-            self._want_dtype(name, info.dtype, FLOATS, "a floating-point dtype")
-            return
+            return "param", self._shape(exprs), exprs, "", ""
         module, _, suffix = key.rpartition(".")
         if suffix not in LINEAR_SUFFIXES:
-            self._unmatched(name, info)
-            return
-        exprs2 = self.rules.linear.get(module)
-        logical = self._shape(exprs2) if exprs2 is not None else None
-        how = self.dims.explain(exprs2) if exprs2 is not None else ""
-        self._linear(name, name[:len(name) - len(suffix)], suffix, info, logical, how, module + ".weight")
+            return "other", None, None, "", ""
+        exprs = self.rules.linear.get(module)
+        return "linear", self._shape(exprs) if exprs is not None else None, exprs, suffix, module + ".weight"
 
     def _unmatched(self, name: str, info) -> None:
         """A tensor whose role the table does not know: only the quantized forms are checked."""
@@ -345,18 +362,20 @@ class TensorChecker:
         quantized = info.dtype in FP8 or suffix in (FP8_SCALE, "qweight") or (
             suffix in W4A16_PARTS and self.quant.kind == "w4a16")
         if quantized and suffix in LINEAR_SUFFIXES:
-            self._linear(name, base + ".", suffix, info, None, "", "")
+            self._linear(name, base + ".", suffix, info, None, None, "")
         elif info.dtype in FP8:
             self._add("quantization", name, f"FP8 tensor {name!r} is not a linear weight; expected FP8 only in "
                       "<module>.weight tensors with a weight_scale_inv beside them")
 
-    def _linear(self, name: str, stem: str, suffix: str, info, logical: tuple[int, int] | None, how: str,
-                key: str) -> None:
-        """`stem` is `<module>.`; `logical` the [out, in] config.json implies (None: unknown role); `key`
-        the rule key of the module's weight."""
+    def _linear(self, name: str, stem: str, suffix: str, info, logical: tuple[int, int] | None,
+                exprs: tuple[str, ...] | None, key: str) -> None:
+        """`stem` is `<module>.`; `logical` the [out, in] config.json implies (None: unknown role) from
+        `exprs`; `key` the rule key of the module's weight."""
         q = self.quant
         if suffix == "weight":
-            if info.dtype in FP8:
+            if info.dtype in FLOATS:
+                pass
+            elif info.dtype in FP8:
                 scale = stem + FP8_SCALE
                 if q.kind != "fp8":
                     self._add("quantization", name, f"tensor {name!r} is {info.dtype} but config.json has "
@@ -367,14 +386,14 @@ class TensorChecker:
                               f"expected its block scales [{self._blocks(info.shape)}] (the hub FP8 layout)")
             else:
                 self._want_dtype(name, info.dtype, FLOATS, "a floating-point or FP8 weight")
-            if logical is not None:
-                self._want_shape(name, key, info.shape, logical, how)
+            if logical is not None and info.shape != logical:
+                self._want_shape(name, key, info.shape, logical, exprs)
             return
         if suffix == "bias":
             self._want_dtype(name, info.dtype, FLOATS, "a floating-point bias")
             if logical is not None:
-                self._want_shape(name, key.removesuffix(".weight") + ".bias", info.shape, logical[:1],
-                                 f"([out] of {how})")
+                self._want_shape(name, key.removesuffix(".weight") + ".bias", info.shape, logical[:1], exprs,
+                                 "([out] of {})")
             return
         if suffix == FP8_SCALE:
             weight = self.tensors.get(stem + "weight")
@@ -384,13 +403,13 @@ class TensorChecker:
                 self._add("quantization", name, f"scale tensor {name!r} belongs to an FP8 weight but there is "
                           f"{found} {stem + 'weight'!r}; expected an F8_E4M3 weight beside it")
             elif len(weight.shape) == 2:
-                want = tuple(math.ceil(d / b) for d, b in zip(weight.shape, q.block, strict=True))
+                want = (-(-weight.shape[0] // q.block[0]), -(-weight.shape[1] // q.block[1]))
                 if info.shape != want:
                     self._add("shape", name, f"FP8 scale {name!r} has shape {list(info.shape)} but weight "
                               f"{list(weight.shape)} in blocks of {list(q.block)} (quantization_config "
                               f"weight_block_size) needs {list(want)}")
             return
-        self._w4a16(name, stem, suffix, info, logical, how)
+        self._w4a16(name, stem, suffix, info, logical, exprs)
 
     def _blocks(self, shape: tuple[int, ...]) -> str:
         if len(shape) != 2:
@@ -398,7 +417,8 @@ class TensorChecker:
         b = self.quant.block if self.quant.kind == "fp8" else DEFAULT_FP8_BLOCK
         return ", ".join(str(math.ceil(d / x)) for d, x in zip(shape, b, strict=True))
 
-    def _w4a16(self, name: str, stem: str, suffix: str, info, logical: tuple[int, int] | None, how: str) -> None:
+    def _w4a16(self, name: str, stem: str, suffix: str, info, logical: tuple[int, int] | None,
+               exprs: tuple[str, ...] | None) -> None:
         """qweight int32 [in/8, out], qzeros int32 [ceil(in/G), out/8], scales float [ceil(in/G), out],
         g_idx int32 [in] (auto-round's auto_gptq packing)."""
         if self.quant.kind != "w4a16":
@@ -433,7 +453,8 @@ class TensorChecker:
         }[suffix]
         self._want_dtype(name, info.dtype, dtypes, f"the W4A16 {suffix} dtype")
         if info.shape != want:
-            source = f"[out, in] {list(logical)} {how}" if logical is not None else f"qweight {list(ref.shape)}"
+            source = (f"[out, in] {list(logical)} {self._how(exprs)}" if logical is not None
+                      else f"qweight {list(ref.shape)}")
             self._add("shape", name, f"W4A16 tensor {name!r} has shape {list(info.shape)}; {source} with group_size "
                       f"{self.quant.group} implies {list(want)}")
 
@@ -472,27 +493,29 @@ def _tensor_problems(model: MoEModel, quant: Quant) -> list[Problem]:
     experts: dict[int, dict[int, dict[str, tuple]]] = defaultdict(lambda: defaultdict(dict))
     seen_layers: dict[int, set[str]] = defaultdict(set)
     fp8_count = w4_count = 0
-    for name, info in ckpt.tensors.items():
-        if info.dtype in FP8:
+    match, check, skip, limit = layer_re.match, checker.check, len(expert_rel), n_layers + mtp
+    for name, info in ckpt.tensors.items():  # ~100k on the largest checkpoints: kept tight
+        dtype = info.dtype
+        if dtype in FP8:
             fp8_count += 1
-        elif name.endswith(".qweight"):
+        elif dtype == "I32" and name.endswith(".qweight"):
             w4_count += 1
-        m = layer_re.match(name)
+        m = match(name)
         if m is None:
-            checker.check(name, name)
+            check(name, name)
             continue
         layer, rel = int(m.group(1)), name[m.end():]
-        if layer >= n_layers + mtp:
+        if layer >= limit:
             beyond.setdefault(layer, name)
             continue
-        seen_layers[layer].add(rel)
         if rel.startswith(expert_rel):
-            idx, _, rest = rel[len(expert_rel):].partition(".")
+            idx, _, rest = rel[skip:].partition(".")
             if idx.isdigit():
-                experts[layer][int(idx)][rest] = (info.dtype, info.shape)
-                checker.check(name, "EXPERT:" + rest)
+                experts[layer][int(idx)][rest] = (dtype, info.shape)
+                check(name, "EXPERT:" + rest)
                 continue
-        checker.check(name, rel)
+        seen_layers[layer].add(rel)
+        check(name, rel)
     out = _layer_problems(model, beyond, mtp, where)
     out += _quant_presence(ckpt.config_path, quant, fp8_count, w4_count)
     out += checker.problems
