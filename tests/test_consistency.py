@@ -465,3 +465,29 @@ def test_no_valid_checkpoint_has_a_problem(tiny_checkpoint, m2, m2_fp8):
     for directory in [*dirs, m2, m2_fp8]:
         with Checkpoint(directory) as ckpt:
             assert MoEModel(ckpt, check=False).problems() == [], directory
+
+
+def test_mtp_layers_beyond_the_configured_count_are_refused(tiny_checkpoint, tmp_path):
+    """GLM-4.x / DeepSeek-V3 store MTP layers past num_hidden_layers; num_nextn_predict_layers counts them."""
+    from tests.test_arch_coverage import with_mtp_layer
+
+    src, n = with_mtp_layer(tiny_checkpoint("glm4_moe"), tmp_path / "glm-mtp")
+    with Checkpoint(src) as ckpt:
+        assert MoEModel(ckpt).problems() == []
+    edit_config(src, num_nextn_predict_layers=0)
+    message = _refusal(src)
+    assert f"layer(s) {n}" in message and "num_nextn_predict_layers 0" in message
+
+
+def test_inspect_reports_problems_instead_of_refusing(m2, tmp_path):
+    from typer.testing import CliRunner
+
+    from surgery.cli import app
+
+    ok = CliRunner().invoke(app, ["inspect", str(m2)])
+    assert ok.exit_code == 0 and "consistency" in ok.output and "OK" in ok.output
+    src = copy_fixture(m2, tmp_path / "m")
+    edit_config(src, num_experts_per_tok=40)
+    shown = CliRunner().invoke(app, ["inspect", str(src)])
+    assert shown.exit_code == 0, shown.output
+    assert "1 problem(s)" in shown.output and "num_experts_per_tok is 40" in shown.output
