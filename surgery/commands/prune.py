@@ -37,6 +37,9 @@ def prune_cmd(
     pack: bool = o.PACK,
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Remove multi-token-prediction layers."),
     routing: str = o.ROUTING,
+    quantize_scheme: str | None = typer.Option(None, "--quantize", help="Then quantize the pruned model: w4a16 "
+                                               "(OUT is W4A16; the pruned checkpoint stays in WORK/pruned)."),
+    quantize_method: str = typer.Option("rtn", "--quantize-method", help="rtn or gptq (on the same data)."),
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Calibrate, plan and rewrite in one command; each stage is skipped when already complete."""
@@ -54,7 +57,13 @@ def prune_cmd(
     opts = CalibrateOptions(batch_size=batch_size, device=device, dtype=dtype, routing=routing,
                             progress=not no_progress)
     chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
-    prune(resolve_model(model), out, work or out.with_name(out.name + ".work"), data, opts,
+    from surgery.commands.quantize import pruned_destination, quantize_pruned
+
+    work = work or out.with_name(out.name + ".work")
+    pruned = pruned_destination(quantize_scheme, quantize_method, out, work)
+    prune(resolve_model(model), pruned, work, data, opts,
           method or chosen_method, chosen_ratio, seed=data.seed,
           progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
           merge_saliency=merge_saliency)
+    if quantize_scheme is not None:
+        quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress)

@@ -73,3 +73,22 @@ def report(summary: dict, out: Path) -> None:
                   f"tensors quantized, {summary['kept_linears']} linears kept 16-bit{fallback}; wrote "
                   f"{summary['shards_written']} shards{reused}; {human_bytes(summary['input_bytes'])} -> "
                   f"{human_bytes(summary['output_bytes'])} in {summary['seconds']:.1f} s -> {out}")
+
+
+def pruned_destination(scheme: str | None, method: str, out: Path, work: Path) -> Path:
+    """`surgery prune --quantize`: the pruned checkpoint goes to WORK/pruned and OUT is the quantized one
+    (options are checked here, before any model work)."""
+    if scheme is None:
+        return out
+    check_quant_options(scheme, method, 128)
+    return work / "pruned"
+
+
+def quantize_pruned(pruned: Path, out: Path, method: str, work: Path, data, batch_size: int, device: str, dtype: str,
+                    progress: bool) -> None:
+    """The last stage of `surgery prune --quantize w4a16`: quantize the pruned checkpoint into OUT."""
+    from surgery.quant.pipeline import quantize
+
+    summary = quantize(pruned, out, method=method, work=work / "quant", data=data, batch_size=batch_size,
+                       device=device, dtype=dtype, progress=progress)
+    report(summary, out)

@@ -118,7 +118,7 @@ def _discard(batch, y) -> None:
 
 def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity: dict, ids: np.ndarray,
                    mask: np.ndarray, *, group_size: int, batch_size: int, device: torch.device,
-                   dtype: torch.dtype, progress: bool = True) -> int:
+                   dtype: torch.dtype, progress: bool = True, min_tokens: int | None = None) -> int:
     """Run GPTQ layer by layer into WORK (resumable); returns the number of weights that fell back to RTN."""
     from safetensors.torch import load_file, save_file
 
@@ -138,7 +138,7 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
         stream = LayerStream(factory)  # the engine's new signature
     except TypeError:
         stream = LayerStream(factory, None, batch_size)
-    gp = GPTQPass(model, targets, group_size, device=device)
+    gp = GPTQPass(model, targets, group_size, device=device, min_tokens=min_tokens)
     batches = batch_ranges(mask, batch_size)
     hidden = {b: stream.embed_batch(ids[b[0]:b[1], :real_length(mask[b[0]:b[1]])]) for b in batches}
     tokens = int(mask.sum())
@@ -155,8 +155,8 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
                 if layer in state["completed"] and path.is_file():
                     packed = {}
                     for k, v in load_file(path).items():
-                        name, part = k.rsplit(".", 1)
-                        packed.setdefault(name, {})[part] = v
+                        module_name, part = k.rsplit(".", 1)
+                        packed.setdefault(module_name + ".weight", {})[part] = v
                     bar.advance(tokens)
                 else:
                     gp.begin_layer(layer, module, block)
@@ -166,7 +166,8 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
                     before = gp.rtn_fallback
                     packed = gp.end_layer(layer)
                     tmp = path.with_name(path.name + ".tmp")
-                    save_file({f"{n}.{p}": t for n, parts in packed.items() for p, t in parts.items()}, tmp)
+                    save_file({f"{n.removesuffix('.weight')}.{p}": t for n, parts in packed.items()
+                               for p, t in parts.items()}, tmp)
                     os.replace(tmp, path)
                     state["completed"].append(layer)
                     state["rtn_fallback"][str(layer)] = gp.rtn_fallback - before
@@ -210,7 +211,7 @@ def gptq_source(model: MoEModel, work: Path, group_size: int):
                 handles.clear()  # one layer file open at a time
                 handles[t.layer] = safe_open(str(path), framework="pt")
             f = handles[t.layer]
-            return {p: f.get_tensor(f"{t.name}.{p}") for p in ("qweight", "qzeros", "scales")}
+            return {p: f.get_tensor(f"{t.module}.{p}") for p in ("qweight", "qzeros", "scales")}
         run.rtn += 1
         return rtn(t)
 

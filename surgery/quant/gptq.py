@@ -19,6 +19,8 @@ With H = I (no correlation between inputs) this is exactly RTN of W.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from surgery.quant.rtn import MAXQ, group_scales
@@ -56,13 +58,34 @@ def inverse_cholesky(hessian: torch.Tensor, weight: torch.Tensor, damp: float = 
     return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
 
 
+@contextmanager
+def _cpu_threads_for(w: torch.Tensor):
+    """One CPU thread for small weights: the column loop is thousands of tiny ops, for which the
+    intra-op thread pool costs more than it gives (8x slower on a busy 2-core machine)."""
+    if w.device.type != "cpu" or w.shape[0] * 128 > 1 << 20:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, damp: float = DAMP,
                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one weight [out, in] given its Hessian [in, in]: (levels uint8 [out, in] in 0..15,
     scales fp16 [out, groups]), the layout `surgery.quant.pack` packs."""
     w = weight.to(dtype).clone()
+    with _cpu_threads_for(w):
+        return _gptq(w, hessian.to(dtype), group_size, damp, dtype)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, group_size: int, damp: float,
+          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     out_f, in_f = w.shape
-    u = inverse_cholesky(hessian.to(dtype), w, damp)
+    u = inverse_cholesky(hessian, w, damp)
     block = group_size if in_f > group_size else in_f
     levels = torch.empty((out_f, in_f), dtype=torch.uint8, device=w.device)
     scales = []
