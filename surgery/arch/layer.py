@@ -9,6 +9,7 @@ the layer goes back to the meta device, so only one layer is ever resident.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -41,6 +42,10 @@ class LayerFactory:
         self.rotary = type(inner.rotary_emb)(config=self.config).to(device) if hasattr(inner, "rotary_emb") else None
         self._prefetcher: ThreadPoolExecutor | None = None
         self._pending: dict[int, Future] = {}
+        # seconds spent reading, moving to the device, dequantising and computing routed experts
+        self.timings = {"read": 0.0, "transfer": 0.0, "dequant": 0.0, "compute": 0.0}
+        spec = model.spec
+        self.expert_prefix = spec.moe_disk + "." + spec.expert_key.split("{expert}")[0]
 
     # ---------------------------------------------------------------- state dict from disk
     def _to_memory_key(self, rel: str) -> str:
@@ -115,10 +120,45 @@ class LayerFactory:
 
     # ---------------------------------------------------------------- paging
     def _read_for_device(self, layer: int) -> dict[str, torch.Tensor]:
-        state = self.read_state_dict(layer)
+        """The layer's resident tensors (everything but its routed experts, which `ExpertStore` pages)."""
+        t0 = time.perf_counter()
+        state = self.read_state_dict(layer, exclude=(self.expert_prefix,))
         if self.device.type == "cuda":  # pinned host memory: the host->GPU copy can run asynchronously
             state = {k: v.pin_memory() for k, v in state.items()}
+        self.timings["read"] += time.perf_counter() - t0
         return state
+
+    def resident_bytes(self, layer: int) -> int:
+        """Bytes of a layer's resident part in the compute dtype (headers only)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        prefix = self.model.layer_prefix(layer)
+        return sum(t.numel * (item if t.torch_dtype.is_floating_point else t.itemsize)
+                   for t in self.model.layer_tensors(layer)
+                   if not t.name[len(prefix):].startswith(self.expert_prefix) and not t.name.endswith(SCALE_SUFFIX))
+
+    def expert_store(self, layer: int, module: nn.Module):
+        """The layer's routed experts as an `ExpertStore`, or None for a dense layer."""
+        from surgery.executor.experts import ExpertStore
+
+        if self.moe_block(module) is None:
+            return None
+        return ExpertStore(self, layer)
+
+    def _assign(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+        """Assign the resident tensors; the routed experts' parameters (and only they) stay on meta."""
+        state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}
+        try:
+            missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise SurgeryError(f"{what} does not match the {self.model.spec.family} layout: {first}",
+                               self.model.ckpt.directory) from None
+        experts = self.model.spec.moe_module + ".experts."
+        missing = [k for k in missing if not k.startswith(experts)]
+        if missing or unexpected:
+            detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+            raise SurgeryError(f"{what} does not match the {self.model.spec.family} layout: {detail}",
+                               self.model.ckpt.directory)
 
     def prefetch(self, layer: int) -> None:
         """Start reading `layer`'s tensors in a background thread (one layer ahead at most), so disk
@@ -132,6 +172,10 @@ class LayerFactory:
             self._pending.pop(stale).cancel()
         self._pending[layer] = self._prefetcher.submit(self._read_for_device, layer)
 
+    def pending_bytes(self) -> int:
+        """Bytes the prefetch of a next layer is about to hold (0 once it is done: then it is resident)."""
+        return sum(self.resident_bytes(layer) for layer, fut in self._pending.items() if not fut.done())
+
     def close(self) -> None:
         for fut in self._pending.values():
             fut.cancel()
@@ -144,13 +188,8 @@ class LayerFactory:
         module = self.skeleton.model.layers[layer]
         pending = self._pending.pop(layer, None)
         state = pending.result() if pending is not None else self._read_for_device(layer)
-        try:
-            module.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise SurgeryError(f"layer {layer} does not match the {self.model.spec.family} layout: {first}",
-                               self.model.ckpt.directory) from None
-        return module.to(self.device, non_blocking=True)
+        self._assign(module, state, f"layer {layer}")
+        return module
 
     def load_mtp(self, layer: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
         """An MTP module stored as layer `layer` (past num_hidden_layers): its decoder layer, built with
@@ -159,16 +198,12 @@ class LayerFactory:
         extras = self.model.spec.mtp_extras
         with torch.device("meta"):
             module = type(self.skeleton.model.layers[-1])(self.config, layer)
-        try:
-            module.load_state_dict(self.read_state_dict(layer, exclude=extras), strict=True, assign=True)
-        except RuntimeError as exc:
-            raise SurgeryError(f"MTP layer {layer} does not match the {self.model.spec.family} layout: "
-                               f"{str(exc).splitlines()[0]}", self.model.ckpt.directory) from None
+        self._assign(module, self.read_state_dict(layer, exclude=(*extras, self.expert_prefix)), f"MTP layer {layer}")
         parts = self.read_state_dict(layer, only=extras)
         for need in ("enorm.weight", "hnorm.weight", "eh_proj.weight"):
             if need not in parts:
                 raise SurgeryError(f"MTP layer {layer} has no {need!r}", self.model.ckpt.directory)
-        return module.to(self.device).eval(), {k: v.to(self.device) for k, v in parts.items()}
+        return module.eval(), {k: v.to(self.device) for k, v in parts.items()}
 
     def unload(self, layer: int) -> None:
         self.skeleton.model.layers[layer].to("meta")

@@ -296,6 +296,19 @@ class Checkpoint:
             done += n
         return buf
 
+    def read_into(self, info: TensorInfo, out, start: int = 0) -> None:
+        """Read `out.numel()` bytes of a tensor, `start` bytes into it, straight into the uint8 tensor
+        `out` (a reused, possibly pinned, staging buffer): no allocation, no copy."""
+        view = memoryview(out.numpy()).cast("B")
+        length = len(view)
+        fd, pos, done = self._fd(info.shard), info.begin + start, 0
+        while done < length:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                raise SurgeryError(f"unexpected end of file reading tensor {info.name!r}",
+                                   self.shards[info.shard].path)
+            done += n
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor, or rows [start, stop) of its first dimension, and nothing else."""
         import torch

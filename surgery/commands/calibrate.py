@@ -51,6 +51,7 @@ def calibrate_cmd(
     cache_budget: float | None = o.CACHE_BUDGET,
     checkpoint_every: int | None = o.CHECKPOINT_EVERY,
     no_prefetch: bool = o.NO_PREFETCH,
+    memory_budget: str | None = o.MEMORY_BUDGET,
     nproc: int = o.NPROC,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
@@ -63,5 +64,5 @@ def calibrate_cmd(
     opts = CalibrateOptions(batch_size=batch_size, batch_tokens=batch_tokens, device=device, dtype=dtype,
                             routing=routing, keep_hidden=keep_hidden, progress=not no_progress,
                             prefetch=not no_prefetch, cache_budget=o.budget_bytes(cache_budget),
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every, memory_budget=o.memory_bytes(memory_budget))
     calibrate(model_dir, work, data, opts)

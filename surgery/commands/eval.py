@@ -61,6 +61,7 @@ def eval_cmd(
     seed: int = o.SEED,
     pack: bool = o.PACK,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+    memory_budget: str | None = o.MEMORY_BUDGET,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Mean next-token loss and perplexity of each MODEL on each dataset, all on identical tokens,
@@ -70,7 +71,8 @@ def eval_cmd(
 
     err = Console(stderr=True)
     refs = [ModelRef(m, resolve_model(m)) for m in models]
-    opts = EvalOptions(batch_size=batch_size, device=device, dtype=dtype, progress=not no_progress)
+    opts = EvalOptions(batch_size=batch_size, device=device, dtype=dtype, progress=not no_progress,
+                       memory_budget=o.memory_bytes(memory_budget))
 
     def report(spec: str, calib) -> None:
         for cat in calib.categories:

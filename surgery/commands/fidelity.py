@@ -39,6 +39,7 @@ def fidelity_cmd(
     model: str | None = typer.Option(None, "--model", help="Checkpoint (default: saliency.json's model_path)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --methods random."),
     device: str = o.DEVICE,
+    memory_budget: str | None = o.MEMORY_BUDGET,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Per-layer ||y - y_pruned|| / ||y|| of every MoE block's routed output for each method and
@@ -49,7 +50,7 @@ def fidelity_cmd(
 
     out = run_fidelity(work, parse_list(methods, "methods"), parse_list(ratios, "ratios", float),
                        resolve_model(model) if model else None, device=device, seed=seed,
-                       progress=not no_progress)
+                       progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     table = Table(title=f"routed-output relative error ({out['hidden_source']} hidden states, "
                         f"{out['tokens']:,} tokens)")
     table.add_column("layer")

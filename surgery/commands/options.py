@@ -25,8 +25,19 @@ CHECKPOINT_EVERY = typer.Option(None, "--checkpoint-every",
                                 help="Layers between zarr checkpoints of in-memory hidden states (default: auto, "
                                      "< 10% of compute).")
 NO_PREFETCH = typer.Option(False, "--no-prefetch", help="Do not read the next layer while computing this one.")
+MEMORY_BUDGET = typer.Option(None, "--memory-budget", envvar="SURGERY_MEMORY_BUDGET",
+                             help="Peak memory the run may hold, e.g. 4GB or 450MB (host RSS, and GPU memory on "
+                                  "CUDA); routed experts are paged in chunks that fit. Default: derived from the "
+                                  "available memory.")
 NPROC = typer.Option(1, "--nproc", help="Processes (one per GPU, or CPU processes with gloo) via torchrun.")
 
 
 def budget_bytes(gb: float | None) -> int | None:
     return None if gb is None else int(gb * 1e9)
+
+
+def memory_bytes(size: str | None) -> int | None:
+    """--memory-budget as bytes (units B/KB/MB/GB/TB or KiB/MiB/GiB/TiB; a bare number is GB)."""
+    from surgery.executor.budget import parse_size
+
+    return parse_size(size)

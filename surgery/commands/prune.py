@@ -37,6 +37,7 @@ def prune_cmd(
     pack: bool = o.PACK,
     drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Remove multi-token-prediction layers."),
     routing: str = o.ROUTING,
+    memory_budget: str | None = o.MEMORY_BUDGET,
     quantize_scheme: str | None = typer.Option(None, "--quantize", help="Then quantize the pruned model: w4a16 "
                                                "(OUT is W4A16; the pruned checkpoint stays in WORK/pruned)."),
     quantize_method: str = typer.Option("rtn", "--quantize-method", help="rtn or gptq (on the same data)."),
@@ -55,7 +56,7 @@ def prune_cmd(
     data.max_length = max_length if max_length is not None else data.max_length
     data.seed = seed if seed is not None else data.seed
     opts = CalibrateOptions(batch_size=batch_size, device=device, dtype=dtype, routing=routing,
-                            progress=not no_progress)
+                            progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
     from surgery.commands.quantize import pruned_destination, quantize_pruned
 

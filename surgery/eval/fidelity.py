@@ -22,22 +22,21 @@ import copy
 import inspect
 import math
 import shutil
-import types
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from surgery.arch.layer import LayerFactory
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
 from surgery.executor.calibrate import resolve_device
-from surgery.executor.progress import layer_progress
-from surgery.executor.stream import LayerStream
+from surgery.executor.engine import EngineOptions, Journal, LayerEngine, LayerPass
+from surgery.executor.experts import BatchRouting, ExpertListener
+from surgery.executor.stream import batch_ranges
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.saliency.observer import expert_output
 
@@ -91,23 +90,60 @@ def _by_expert(index: torch.Tensor, weights: torch.Tensor, num: int):
     return tokens, weights.reshape(-1)[order], [0, *bounds]
 
 
-def routed_outputs(experts: nn.Module, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]],
-                   num: int) -> list[torch.Tensor]:
-    """Σ_slots w · E_j(x) (float32 [N, H]) for each routing (index in original expert ids [N, k], weights
-    [N, k]). Each expert runs once, on the union of the tokens any routing sends it, so measuring many
-    keep sets costs little more than one."""
-    outs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in routings]
-    parts = [_by_expert(index, weights, num) for index, weights in routings]
-    for j in range(num):
-        spans = [(tok[b[j]:b[j + 1]], w[b[j]:b[j + 1]]) for tok, w, b in parts]
+class _Routed:
+    """Σ_slots w · E_j(x) (float32 [N, H]) for several routings of the same tokens (index in original
+    expert ids [N, k], weights [N, k]), built expert by expert: each expert runs once, on the union of
+    the tokens any routing sends it, so measuring many keep sets costs little more than one."""
+
+    def __init__(self, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]], num: int) -> None:
+        self.x = x
+        self.outs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in routings]
+        self.parts = [_by_expert(index, weights, num) for index, weights in routings]
+
+    def add(self, j: int, run) -> None:
+        """Expert j's contributions; `run(rows)` evaluates it."""
+        spans = [(tok[b[j]:b[j + 1]], w[b[j]:b[j + 1]]) for tok, w, b in self.parts]
         if not any(t.numel() for t, _ in spans):
-            continue
+            return
         union = torch.unique(torch.cat([t for t, _ in spans]))  # sorted
-        y = expert_output(experts, j, x[union]).float()
-        for out, (t, w) in zip(outs, spans, strict=True):
+        y = run(self.x[union]).float()
+        for out, (t, w) in zip(self.outs, spans, strict=True):
             if t.numel():
                 out.index_add_(0, t, y[torch.searchsorted(union, t)] * w[:, None].float())
-    return outs
+
+
+def routed_outputs(experts: nn.Module, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]],
+                   num: int) -> list[torch.Tensor]:
+    """`_Routed` over a resident block's experts."""
+    acc = _Routed(x, routings, num)
+    for j in range(num):
+        acc.add(j, lambda rows, j=j: expert_output(experts, j, rows))
+    return acc.outs
+
+
+def _routings(block: nn.Module, x: torch.Tensor, keep_sets: dict[KeySet, list[int]]):
+    """The block's own routing of x, then each keep set's (as the pruned checkpoint's router routes)."""
+    full_bias = block.e_score_correction_bias if _wants_block_bias(block) else None
+    routings = [_route(block, block.gate, x, full_bias)]
+    for keep in keep_sets.values():
+        ids = torch.as_tensor(sorted(keep), dtype=torch.long, device=x.device)
+        gate, bias = sliced_router(block, sorted(keep))
+        p_index, p_weights = _route(block, gate, x, bias)
+        routings.append((ids[p_index], p_weights))
+    return routings
+
+
+def _errors(keys, outs: list[torch.Tensor], tokens: int) -> dict:
+    y, *pruned = outs
+    y = y.double()
+    ref_sq = float((y * y).sum())
+    out = {}
+    for key, yp in zip(keys, pruned, strict=True):
+        diff = y - yp.double()
+        err_sq = float((diff * diff).sum())
+        out[key] = {"err_sq": err_sq, "ref_sq": ref_sq, "tokens": tokens,
+                    "rel_error": math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0}
+    return out
 
 
 @torch.no_grad()
@@ -117,23 +153,8 @@ def layer_fidelity(block: nn.Module, x: torch.Tensor, keep_sets: dict[KeySet, li
     The squared sums are returned too so batches can be added up (`combine`)."""
     x = x.reshape(-1, x.shape[-1])
     num = block.gate.weight.shape[0]
-    full_bias = block.e_score_correction_bias if _wants_block_bias(block) else None
-    routings = [_route(block, block.gate, x, full_bias)]
-    for keep in keep_sets.values():
-        ids = torch.as_tensor(sorted(keep), dtype=torch.long, device=x.device)
-        gate, bias = sliced_router(block, sorted(keep))
-        p_index, p_weights = _route(block, gate, x, bias)
-        routings.append((ids[p_index], p_weights))
-    y, *pruned = routed_outputs(block.experts, x, routings, num)
-    y = y.double()
-    ref_sq = float((y * y).sum())
-    out = {}
-    for key, yp in zip(keep_sets, pruned, strict=True):
-        diff = y - yp.double()
-        err_sq = float((diff * diff).sum())
-        out[key] = {"err_sq": err_sq, "ref_sq": ref_sq, "tokens": int(x.shape[0]),
-                    "rel_error": math.sqrt(err_sq / ref_sq) if ref_sq > 0 else 0.0}
-    return out
+    outs = routed_outputs(block.experts, x, _routings(block, x, keep_sets), num)
+    return _errors(list(keep_sets), outs, int(x.shape[0]))
 
 
 def combine(total: dict, part: dict) -> dict:
@@ -147,30 +168,52 @@ def combine(total: dict, part: dict) -> dict:
     return total
 
 
-class FidelityObserver:
-    """Instruments a MoE block inside `LayerStream.run_layer`: the block's own output is unchanged, and
-    every forward adds `layer_fidelity` of its real tokens (`valid`) to `result`."""
+class FidelityPass(LayerPass):
+    """At each MoE layer that has keep sets, listens to its routed experts: for every batch's real
+    tokens, the full routing's and each keep set's routed outputs are built expert by expert (so this
+    works with experts paged in chunks too) and their `layer_fidelity` figures added up."""
 
+    def __init__(self, keep: dict[int, dict[KeySet, list[int]]]) -> None:
+        self.keep = keep
+        self.results: dict[int, dict] = {}
+        self._listener: _FidelityListener | None = None
+
+    def listeners(self, layer: int, block: nn.Module, runner) -> list[ExpertListener]:
+        sets = self.keep.get(layer)
+        self._listener = _FidelityListener(block, sets) if sets else None
+        return [self._listener] if self._listener else []
+
+    def end_layer(self, layer: int) -> None:
+        if self._listener is not None:
+            self.results[layer] = self._listener.finish()
+            self._listener = None
+
+
+class _FidelityListener(ExpertListener):
     def __init__(self, block: nn.Module, keep_sets: dict[KeySet, list[int]]) -> None:
-        self.block = block
-        self.keep_sets = keep_sets
-        self.result: dict = {}
-        self.valid: torch.Tensor | None = None
-        self._orig = block.experts.forward
-        observer = self
+        self.block, self.keep_sets = block, keep_sets
+        self.num = block.gate.weight.shape[0]
+        self.batches: list[tuple[_Routed, int]] = []
 
-        def experts_forward(module, hidden_states, top_k_index, top_k_weights):
-            valid = observer.valid if observer.valid is not None else torch.ones(hidden_states.shape[0],
-                                                                                  dtype=torch.bool)
-            xs = hidden_states[valid.to(hidden_states.device)]
-            if xs.shape[0]:
-                combine(observer.result, layer_fidelity(observer.block, xs, observer.keep_sets))
-            return observer._orig(hidden_states, top_k_index, top_k_weights)
+    @torch.no_grad()
+    def begin(self, batch: BatchRouting) -> None:
+        xs = batch.x[batch.valid]
+        if not xs.shape[0]:
+            return
+        acc = _Routed(xs, _routings(self.block, xs, self.keep_sets), self.num)
+        batch.notes[self] = acc
+        self.batches.append((acc, int(xs.shape[0])))
 
-        block.experts.forward = types.MethodType(experts_forward, block.experts)
+    def expert(self, batch, j, tokens, weights, y, run) -> None:
+        acc = batch.notes.get(self)
+        if acc is not None:
+            acc.add(j, run)
 
-    def detach(self) -> None:
-        self.block.experts.forward = self._orig
+    def finish(self) -> dict:
+        total: dict = {}
+        for acc, n in self.batches:
+            combine(total, _errors(list(self.keep_sets), acc.outs, n))
+        return total
 
 
 # ---------------------------------------------------------------------------------------------- command
@@ -185,13 +228,17 @@ class _SplitCache(HiddenCache):
     def hidden(self, layer: int):
         return self.source.hidden(layer) if self.source.has_hidden(layer) else super().hidden(layer)
 
+    def has_hidden(self, layer: int) -> bool:
+        return self.source.has_hidden(layer) or super().has_hidden(layer)
+
 
 def ratio_key(ratio: float) -> str:
     return f"{ratio:g}"
 
 
 def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir: Path | None = None,
-                 device: str = "auto", seed: int = 0, progress: bool = True) -> dict:
+                 device: str = "auto", seed: int = 0, progress: bool = True,
+                 memory_budget: int | None = None) -> dict:
     """Fidelity of every MoE layer for each (method, ratio), from a finished calibration in WORK;
     writes and returns WORK/fidelity.json. dtype and batch size are the calibration's."""
     from surgery.plan import make_plan, n_keep_for
@@ -225,7 +272,6 @@ def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir:
     scratch_path = work / "fidelity" / "cache.zarr"
     shutil.rmtree(scratch_path, ignore_errors=True)
     cache = _SplitCache(scratch_path, source)
-    stream = LayerStream(LayerFactory(model, dtype, resolve_device(device)), cache, batch_size)
 
     moe = set(model.moe_layers)
     last = max(moe)
@@ -233,25 +279,17 @@ def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir:
     for layer in range(last - 1, -1, -1):
         run[layer] = layer in moe or (run[layer + 1] and not source.has_hidden(layer + 1))
     streamed = [layer for layer in range(last + 1) if run[layer] and not source.has_hidden(layer)]
-    results: dict[int, dict] = {}
+    todo = [layer for layer in range(last + 1) if run[layer]]
+    fidelity = FidelityPass(keep)
     try:
-        if run[0] and not source.has_hidden(0):
-            stream.embed(ids)
-        todo = [layer for layer in range(last + 1) if run[layer]]
-        with layer_progress(len(todo), int(mask.sum()), enabled=progress) as bar:
-            for i, layer in enumerate(todo):
-                bar.start_layer(i)
-                sets = keep.get(layer)
-                observer = stream.run_layer(layer, mask, bar.advance,
-                                            (lambda block, s=sets: FidelityObserver(block, s)) if sets else None)
-                if observer is not None:
-                    results[layer] = observer.result
-                cache.delete_hidden(layer)
-                if not (layer < last and run[layer + 1] and not source.has_hidden(layer + 1)):
-                    cache.delete_hidden(layer + 1)
+        engine = LayerEngine(model, resolve_device(device), dtype, cache, EngineOptions(
+            progress=progress, cache_budget=0, memory_budget=memory_budget, crash_prefix="fidelity."))
+        start = None if not source.has_hidden(todo[0]) else todo[0]
+        engine.walk([fidelity], ids, mask, batch_ranges(mask, batch_size), start, Journal(), layers=todo)
     finally:
         shutil.rmtree(work / "fidelity", ignore_errors=True)
         ckpt.close()
+    results = fidelity.results
     rkeys = [ratio_key(r) for r in ratios]
     layers_out = {str(layer): {m: {ratio_key(r): results[layer][(m, r)]["rel_error"] for r in ratios}
                                for m in methods} for layer in sorted(results)}

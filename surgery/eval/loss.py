@@ -1,7 +1,8 @@
 """Streaming evaluation: mean next-token loss and perplexity of one or more checkpoints on the same tokens.
 
-Each model's hidden states go through every decoder layer with `LayerStream` (one layer resident,
-no observers), then the final norm and a vocabulary-blocked loss (`surgery.eval.head`). Several
+Each model's hidden states go through every decoder layer in the layer engine (`surgery.executor.
+engine`, no pass; routed experts paged within the memory budget), then the final norm and a
+vocabulary-blocked loss (`surgery.eval.head`). Several
 models (typically the original and its pruned versions) see exactly the same token rows, so their
 figures are comparable side by side.
 
@@ -34,7 +35,6 @@ import torch
 from rich.console import Console
 
 import surgery
-from surgery.arch.layer import LayerFactory
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
@@ -42,8 +42,9 @@ from surgery.errors import SurgeryError
 from surgery.eval.head import Head
 from surgery.executor.cache import HiddenCache
 from surgery.executor.calibrate import resolve_device, resolve_dtype
-from surgery.executor.progress import layer_progress
-from surgery.executor.stream import LayerStream, real_length
+from surgery.executor.engine import EngineOptions, Journal, LayerEngine
+from surgery.executor.manifest import require_same_inputs
+from surgery.executor.stream import batch_ranges, real_length
 from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
 
@@ -57,6 +58,7 @@ class EvalOptions:
     dtype: str = "auto"
     progress: bool = True
     block_rows: int | None = None  # lm_head rows per block; None: about 64 MB of the checkpoint's tensor
+    memory_budget: int | None = None  # bytes the process may hold; None = derived from available memory
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -119,18 +121,15 @@ def model_key(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[str, str]:
     return f"{h.hexdigest()[:16]}-{str(dtype).removeprefix('torch.')}", fp
 
 
-def _diff(old: dict, new: dict) -> str:
-    parts = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            sub = [s for s in sorted(set(a) | set(b)) if a.get(s) != b.get(s)]
-            parts.append(f"{k} ({', '.join(f'{s}: {a.get(s)!r} -> {b.get(s)!r}' for s in sub)})")
-        else:
-            parts.append(k)
-    return "; ".join(parts)
+class _ModelJournal(Journal):
+    """One model's progress inside the evaluation manifest."""
+
+    def __init__(self, evaluator: Evaluator, manifest: dict, entry: dict) -> None:
+        self.evaluator, self.manifest, self.entry = evaluator, manifest, entry
+
+    def commit(self, boundary: int | None) -> None:
+        self.entry["completed_layers"] = boundary or 0
+        self.evaluator._save(self.manifest)
 
 
 class Evaluator:
@@ -153,10 +152,7 @@ class Evaluator:
                                    "--work", self.root)
             return None
         manifest = read_json(self.manifest_path, "evaluation manifest")
-        old = manifest.get("inputs", {})
-        if old != identity:
-            raise SurgeryError("holds an evaluation of other inputs; differs in " + _diff(old, identity)
-                               + " (use another --work directory)", self.root)
+        require_same_inputs(manifest, identity, "holds an evaluation of", self.root)
         return manifest
 
     def _save(self, manifest: dict) -> None:
@@ -223,37 +219,29 @@ class Evaluator:
 
     def _run_model(self, ref: ModelRef, model: MoEModel, key: str, dtype: torch.dtype, ids: np.ndarray,
                    mask: np.ndarray, rows: dict[str, tuple[int, int]], manifest: dict) -> dict:
+        """One model through the layer engine (zarr tier: each layer's outputs and the manifest are
+        durable before the next layer), then the loss head over the last boundary."""
         entry = manifest["models"][key]
         model_root = self.root / "models" / key
         model_root.mkdir(parents=True, exist_ok=True)
         cache = HiddenCache(model_root / "hidden.zarr")
-        factory = LayerFactory(model, dtype, self.device)
-        stream = LayerStream(factory, cache, self.opts.batch_size)
         completed = int(entry.get("completed_layers", 0))
         if completed and not cache.has_hidden(completed):
             completed = 0  # this model's own cache was removed: start it again (its results are not mixed in)
         for stale in cache.hidden_layers():
-            if stale != completed:
+            if stale != completed or completed == 0:
                 cache.delete_hidden(stale)  # interrupted mid-write, or consumed but not yet deleted
-        if completed == 0:
-            stream.embed(ids)
-            crash_point("eval.embed")
         if self.opts.progress:
             Console(stderr=True).print(f"[bold]eval[/bold] {ref.label}" + (f" (resuming at layer {completed})"
                                                                              if completed else ""))
-        n_layers = model.num_layers
-        with layer_progress(n_layers, int(mask.sum()), enabled=self.opts.progress) as progress:
-            progress.start_layers(completed)
-            for layer in range(completed, n_layers):
-                progress.start_layer(layer)
-                stream.run_layer(layer, mask, progress.advance)
-                entry["completed_layers"] = layer + 1
-                self._save(manifest)
-                crash_point(f"eval.layer{layer}.manifest")
-                cache.delete_hidden(layer)
-        head = Head(factory, block_rows=self.opts.block_rows)
+        engine = LayerEngine(model, self.device, dtype, cache, EngineOptions(
+            progress=self.opts.progress, cache_budget=0, memory_budget=self.opts.memory_budget,
+            crash_prefix="eval."))
+        journal = _ModelJournal(self, manifest, entry)
+        engine.walk([], ids, mask, batch_ranges(mask, self.opts.batch_size), completed or None, journal)
+        head = Head(engine.factory, block_rows=self.opts.block_rows)
         try:
-            result = self._losses(head, cache.hidden(n_layers), ids, mask, rows)
+            result = self._losses(head, cache.hidden(model.num_layers), ids, mask, rows)
         finally:
             head.release()
         entry["result"] = result

@@ -22,6 +22,7 @@ class CalibrateOptions:
     prefetch: bool = True
     cache_budget: int | None = None  # bytes of host memory for hidden states; None = auto, 0 = disk only
     checkpoint_every: int | None = None  # layers between zarr checkpoints of the memory tier; None = auto
+    memory_budget: int | None = None  # bytes the process may hold; None = derived from available memory
 
     def __post_init__(self) -> None:
         if self.routing not in ("model", "reference"):

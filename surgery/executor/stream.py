@@ -19,7 +19,6 @@ from torch import nn
 
 from surgery.arch.layer import LayerFactory
 from surgery.errors import SurgeryError
-from surgery.executor.cache import HiddenCache
 from surgery.faults import checkpoint as crash_point
 from surgery.faults import delay as test_delay
 
@@ -63,11 +62,11 @@ def batch_ranges(mask: np.ndarray, batch_size: int, batch_tokens: int | None = N
 
 
 class LayerStream:
-    def __init__(self, factory: LayerFactory, cache: HiddenCache | None, batch_size: int) -> None:
+    """Per-batch primitives of the layer engine: embedding rows, and batches through a loaded layer."""
+
+    def __init__(self, factory: LayerFactory) -> None:
         self.factory = factory
         self.model = factory.model
-        self.cache = cache
-        self.batch_size = batch_size
         self.dtype = factory.dtype
         self.device = factory.device
 
@@ -85,13 +84,14 @@ class LayerStream:
                     advance: Callable[[int], None], observer: object | None = None,
                     should_stop: Callable[[], bool] | None = None,
                     scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None = None,
-                    overlap_io: bool = False) -> None:
+                    overlap_io: bool = False, first_index: int | None = 0) -> None:
         """Run an already loaded `module` (decoder layer `layer`) over `batches`. The observer scores
         the batch's real tokens, or those `scored(batch, mask)` selects (MTP: next token real too).
 
         `overlap_io` (the zarr tier): the next batch is read and the last batch's output written in
         background threads while this batch computes, one of each in flight at most, so memory
-        stays bounded and the bytes read and written are the same as without it."""
+        stays bounded and the bytes read and written are the same as without it. `first_index`: the
+        layer-wide index of the first batch, for the crash points (None: none, e.g. a capture pass)."""
         config = self.factory.config
         build_mask = mask_builder(config, layer)
         lengths = [real_length(mask[s:e]) for s, e in batches]
@@ -113,7 +113,8 @@ class LayerStream:
                         behind.result()
                     behind = io.submit(write, (s, e), y)
                 advance(int(mask[s:e].sum()))
-                crash_point(f"layer{layer}.batch{i}")
+                if first_index is not None:
+                    crash_point(f"layer{layer}.batch{first_index + i}")
                 test_delay()
                 if should_stop is not None and should_stop():
                     raise KeyboardInterrupt
@@ -132,53 +133,13 @@ class LayerStream:
         m = torch.from_numpy(mask[s:e, :t].astype(np.int64)).to(self.device)
         x = x.to(self.device, self.dtype, non_blocking=True)
         pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
-        attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, past_key_values=None,
-                          position_ids=pos)
+        attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, cache=None, position_ids=pos)
         pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
         if observer is not None:
             observer.valid = (scored((s, e), m) if scored is not None else m).reshape(-1).bool()
-        y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe,
-                   past_key_values=None, use_cache=False)
+        y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe, cache=None, use_cache=False)
         y = y[0] if isinstance(y, tuple) else y
         if not torch.isfinite(y[m.bool()]).all():
             raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} (samples {s}..{e - 1})",
                                self.model.ckpt.directory)
         return y
-
-    # ---------------------------------------------------------------- the zarr-tier convenience path
-    def zarr_io(self, z_in, z_out):
-        """(read, write) for the zarr tier: `hidden_<l>` batches in, `hidden_<l+1>` batches out."""
-        def read(b: Batch, t: int) -> torch.Tensor:
-            return HiddenCache.read_rows(z_in, b[0], b[1], t)
-
-        def write(b: Batch, y: torch.Tensor) -> None:
-            HiddenCache.write_rows(z_out, b[0], y)
-
-        return read, write
-
-    def embed(self, ids: np.ndarray) -> None:
-        """hidden_0 = embedding rows of the tokens, written to the zarr cache."""
-        info = self.model.ckpt.info(self.model.spec.embed)
-        z = self.cache.create_hidden(0, ids.shape[0], ids.shape[1], info.shape[1], self.dtype, 1)
-        for s, e in batch_ranges(np.ones(ids.shape[:1] + (1,)), self.batch_size):
-            HiddenCache.write_rows(z, s, self.embed_batch(ids[s:e]))
-
-    def run_layer(self, layer: int, mask: np.ndarray, advance: Callable[[int], None],
-                  observe: Callable[[nn.Module], object] | None = None) -> object | None:
-        """Run layer `layer` from zarr `hidden_<layer>` to `hidden_<layer+1>` over every batch;
-        `observe(moe_block)` may instrument its MoE block and returns the observer."""
-        module = self.factory.load(layer).eval()
-        block = self.factory.moe_block(module)
-        observer = observe(block) if (observe is not None and block is not None) else None
-        z_in = self.cache.hidden(layer)
-        samples, length, hidden = z_in.shape
-        z_out = self.cache.create_hidden(layer + 1, samples, length, hidden, self.dtype, 1)
-        read, write = self.zarr_io(z_in, z_out)
-        try:
-            self.run_batches(layer, module, batch_ranges(mask, self.batch_size), mask, read, write, advance,
-                             observer, overlap_io=True)
-        finally:
-            if observer is not None:
-                observer.detach()
-            self.factory.unload(layer)
-        return observer

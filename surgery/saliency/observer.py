@@ -17,32 +17,16 @@ import types
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from surgery.executor.experts import BatchRouting, ExpertListener, RoutedExperts, expert_forward
 
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")
 
 
 def expert_output(experts: nn.Module, j: int, x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
-    """E_j(x) for the fused-parameter experts of transformers 5: [E, out, in] weights (F.linear), or
-    [E, in, out] (`transposed`, gpt-oss), optional per-expert biases, the module's own gating."""
-    transposed = transposed or getattr(experts, "is_transposed", False)
-    has_bias = getattr(experts, "gate_up_proj_bias", None) is not None
-    w = experts.gate_up_proj[j]
-    h = x @ w if transposed else F.linear(x, w)
-    if has_bias:
-        h = h + experts.gate_up_proj_bias[j]
-    h = experts._apply_gate(h) if hasattr(experts, "_apply_gate") else _swiglu(experts, h)
-    w2 = experts.down_proj[j]
-    y = h @ w2 if transposed else F.linear(h, w2)
-    if has_bias:
-        y = y + experts.down_proj_bias[j]
-    return y
-
-
-def _swiglu(experts: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    gate, up = h.chunk(2, dim=-1)
-    return experts.act_fn(gate) * up
+    """E_j(x) for the fused-parameter experts of a resident transformers 5 block ([E, ...] parameters)."""
+    return expert_forward(experts, {k: v[j] for k, v in experts.named_parameters()}, x, transposed)
 
 
 class LayerStats:
@@ -97,24 +81,29 @@ class LayerStats:
         }
 
 
-class SaliencyObserver:
-    """Instruments one MoE block; `valid` (bool [N]) must be set before each forward."""
+class SaliencyObserver(ExpertListener):
+    """Records a MoE block's saliency from the routed-expert outputs its layer computes.
+
+    In the executor it listens to the layer's `RoutedExperts` (paged or not); given only a block (a
+    whole model in memory, as the benchmarks and tests use it) it installs a one-chunk `RoutedExperts`
+    over the block's own fused parameters. `valid` (bool [N]) must be set before each forward."""
 
     def __init__(self, block: nn.Module, num_experts: int, routing: str = "model", router_attr: str = "gate",
-                 transposed: bool = False) -> None:
+                 transposed: bool = False, runner: RoutedExperts | None = None) -> None:
         if routing not in ("model", "reference"):
             raise ValueError(f"unknown routing {routing!r}")
         self.block = block
         self.router = getattr(block, router_attr)
-        self.transposed = transposed
-        self.experts = block.experts
         self.num_experts = num_experts
         self.routing = routing
         self.stats = LayerStats(num_experts, int(self.router.weight.shape[-1]))
-        self.valid: torch.Tensor | None = None
         self._router_logits: torch.Tensor | None = None
         self._orig_gate_forward = self.router.forward
-        self._orig_experts_forward = block.experts.forward
+        self._own_runner = runner is None
+        if runner is None:
+            runner = RoutedExperts(block, num_experts, transposed, layer=-1, listeners=[self])
+            runner.weights = dict(block.experts.named_parameters())
+        self.runner = runner
         observer = self
 
         def gate_forward(module, *args, **kwargs):
@@ -122,54 +111,46 @@ class SaliencyObserver:
             observer._router_logits = out[0]
             return out
 
-        def experts_forward(module, hidden_states, top_k_index=None, top_k_weights=None):
-            return observer._forward(hidden_states, top_k_index, top_k_weights)
-
         self.router.forward = types.MethodType(gate_forward, self.router)
-        block.experts.forward = types.MethodType(experts_forward, block.experts)
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        return self.runner.valid
+
+    @valid.setter
+    def valid(self, value: torch.Tensor | None) -> None:
+        self.runner.valid = value
 
     def detach(self) -> None:
         self.router.forward = self._orig_gate_forward
-        self.block.experts.forward = self._orig_experts_forward
+        if self._own_runner:
+            self.runner.detach()
+        elif self in self.runner.listeners:
+            self.runner.listeners.remove(self)
+
+    def begin(self, batch: BatchRouting) -> None:
+        if self.routing == "reference":
+            batch.notes[self] = self._reference_routing(batch.x, batch.valid)
 
     @torch.no_grad()
-    def _forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool)
-        valid = valid.to(x.device)
-        out = torch.zeros_like(x)
-        record = self.routing == "model"
-        # sort (token, slot) pairs by expert: one gather and one call per expert that has tokens
-        flat_expert = top_k_index.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        token_of = torch.div(order, top_k_index.shape[1], rounding_mode="floor")
-        weight_of = top_k_weights.reshape(-1)[order]
-        start = 0
-        for j, n in enumerate(counts):
-            if n == 0:
-                continue
-            tokens = token_of[start:start + n]
-            w = weight_of[start:start + n]
-            start += n
-            y = expert_output(self.experts, j, x[tokens], self.transposed)
-            if record:
-                keep = valid[tokens]
-                self.stats.add(j, y[keep], w[keep])
-            out.index_add_(0, tokens, (y * w[:, None]).to(out.dtype))
-        if not record:
-            self._record_reference(x, valid)
-        return out
+    def expert(self, batch: BatchRouting, j: int, tokens: torch.Tensor, weights: torch.Tensor,
+               y: torch.Tensor | None, run) -> None:
+        if self.routing == "model":
+            if y is not None:
+                keep = batch.valid[tokens]
+                self.stats.add(j, y[keep], weights[keep])
+            return
+        xv, top_i, g = batch.notes[self]
+        rows, slots = torch.where(top_i == j)
+        if rows.numel():
+            self.stats.add(j, run(xv[rows]), g[rows, slots])
 
-    def _record_reference(self, x: torch.Tensor, valid: torch.Tensor) -> None:
+    def _reference_routing(self, x: torch.Tensor, valid: torch.Tensor):
         """CerebrasResearch/reap's rule: top-k of raw logits, softmax weights renormalised over top-k."""
         logits = self._router_logits.reshape(x.shape[0], -1).float()
         k = self.router.top_k if hasattr(self.router, "top_k") else self.block.top_k
         probs = torch.softmax(logits, dim=-1)
-        top_w, top_i = torch.topk(logits, k, dim=-1)
+        _top_w, top_i = torch.topk(logits, k, dim=-1)
         g = probs.gather(1, top_i)
         g = g / g.sum(dim=-1, keepdim=True)
-        xv, top_i, g = x[valid], top_i[valid], g[valid]
-        for j in range(self.num_experts):
-            rows, slots = torch.where(top_i == j)
-            if rows.numel():
-                self.stats.add(j, expert_output(self.experts, j, xv[rows], self.transposed), g[rows, slots])
+        return x[valid], top_i[valid], g[valid]

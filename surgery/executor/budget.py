@@ -1,0 +1,135 @@
+"""The memory budget: how many bytes a run may hold, and what that buys.
+
+`--memory-budget SIZE` bounds the process's peak anonymous memory (RssAnon: the interpreter, torch,
+the meta-device model, hidden states held between layers, the resident part of a layer, staging and
+chunk buffers). With none given it is derived from what the machine has available when the run
+starts (MemAvailable), so a full-width layer never exhausts a small host. On CUDA the same SIZE also
+bounds GPU memory (torch's allocated bytes), which holds the resident layer, the expert chunk buffers,
+activations and, when it fits, the hidden-state tier; with none given the GPU bound is 90% of the free
+device memory at start.
+
+The unit of residency follows from the budget, not from the model: a MoE layer's routed experts are
+paged in chunks of as many experts as fit beside everything else (`plan_chunk`), the tokens of a
+layer are processed in groups whose captured states fit (`plan_group`), and the hidden-state tier
+lives in memory only when it fits its share.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from surgery.errors import SurgeryError
+
+_UNITS = {"": 1e9, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'450MB', '4GB', '3.5GiB', '2e9B'; a bare number is GB (like --cache-budget)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise SurgeryError(f"cannot read memory size {text!r} (use e.g. 450MB, 4GB, 3.5GiB)")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise SurgeryError(f"memory size must be positive, got {text!r}")
+    return value
+
+
+def _meminfo(key: str) -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def available_memory() -> int:
+    return _meminfo("MemAvailable")
+
+
+def rss_anon(pid: int | None = None) -> int:
+    """Anonymous resident bytes of a process (this one by default): what the budget bounds."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# What a run keeps free under its budget for things that are not planned (allocator slack, transient
+# temporaries of library calls): a fraction of the budget, at least this many bytes.
+MARGIN_FRACTION = 0.06
+MARGIN_MIN = 24 * 2**20
+
+
+@dataclass
+class MemoryBudget:
+    """Bytes a run may hold on the host (and on the GPU, `device_total`); `given`: set by the user."""
+
+    total: int
+    given: bool
+    device_total: int | None = None
+
+    @classmethod
+    def resolve(cls, size: int | None, device=None) -> MemoryBudget:
+        """The user's budget, or one derived from the memory available now."""
+        device_total = None
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(device)
+            device_total = size if size is not None else int(0.9 * free) + torch.cuda.memory_allocated(device)
+        if size is not None:
+            return cls(size, True, device_total)
+        # what this process holds already plus 80% of what the machine has free
+        return cls(rss_anon() + int(0.8 * available_memory()), False, device_total)
+
+    @property
+    def margin(self) -> int:
+        return max(MARGIN_MIN, int(MARGIN_FRACTION * self.total))
+
+    def host_free(self) -> int:
+        """Bytes still allowed on the host now (budget minus what the process holds, minus margin)."""
+        return self.total - rss_anon() - self.margin
+
+    def device_free(self, device) -> int:
+        import torch
+
+        assert self.device_total is not None
+        return self.device_total - torch.cuda.memory_allocated(device) - max(MARGIN_MIN, self.device_total // 20)
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How one MoE layer runs under the budget."""
+
+    experts_per_chunk: int  # == num_experts: one chunk, computed inside a single pass
+    tokens_per_group: int  # tokens captured at once when paging (every token when it fits)
+
+
+def plan_chunk(free_compute: int, free_host: int, expert_compute: int, expert_raw: int, num_experts: int,
+               activations: int, on_device: bool, where: object = None) -> int:
+    """Experts per chunk: compute buffers where the compute runs, two staging halves (the chunk being
+    built and the one read ahead) on the host. On the CPU both are host memory."""
+    if on_device:
+        by_compute = (free_compute - activations) // max(expert_compute, 1)
+        by_host = free_host // max(2 * expert_raw, 1)
+        n = min(by_compute, by_host)
+    else:
+        n = (free_host - activations) // max(expert_compute + 2 * expert_raw, 1)
+    if n < 1:
+        need = expert_compute + 2 * expert_raw + activations
+        raise SurgeryError(f"the memory budget leaves {max(min(free_host, free_compute), 0) / 1e6:.0f} MB for "
+                           f"routed experts, and one expert needs {need / 1e6:.0f} MB (its weights, staging and "
+                           "activations); raise --memory-budget", where)
+    return int(min(n, num_experts))

@@ -1,0 +1,446 @@
+"""The layer engine: the one walk over decoder layers that calibrate, eval and fidelity share.
+
+A walk embeds the tokens (or resumes from a durable boundary), then for each layer pages in its
+resident part (the next layer's is read in the background meanwhile), runs every batch through it,
+pages its routed experts through in chunks the memory budget allows (`surgery.executor.experts`),
+and hands the layer's hidden states to the next one through a tier (`surgery.executor.tiers`). What
+differs between commands is a *pass* plugged in per layer: it may listen to the routed experts
+(saliency, fidelity) and finish the layer (write statistics). Durable progress goes through the
+command's `Journal` (its manifest), committed only after a boundary's hidden states and every pass's
+output for the layer are on disk, so a killed walk resumes bit for bit.
+
+SIGINT/SIGTERM finish the current batch, checkpoint the in-memory tier and stop (exit 130).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from surgery.arch.layer import LayerFactory
+from surgery.arch.model import MoEModel
+from surgery.errors import SurgeryError
+from surgery.executor.budget import MemoryBudget, plan_chunk, rss_anon
+from surgery.executor.cache import HiddenCache
+from surgery.executor.distributed import Ranks
+from surgery.executor.experts import Buffers, ExpertListener, RoutedExperts, Staging
+from surgery.executor.progress import layer_progress
+from surgery.executor.stream import Batch, LayerStream, real_length
+from surgery.executor.tiers import MemoryTier, ZarrTier
+from surgery.faults import checkpoint as crash_point
+
+Reader = Callable[[Batch, int], torch.Tensor]
+
+
+class LayerPass:
+    """A command's work at each layer; the base does nothing."""
+
+    def listeners(self, layer: int, block: nn.Module, runner: RoutedExperts) -> list[ExpertListener]:
+        return []
+
+    def end_layer(self, layer: int) -> None:
+        """After all of the layer's batches, before its boundary is committed (write what it recorded)."""
+
+
+class Journal:
+    """Where a walk records durable progress (a command's manifest); the base records nothing."""
+
+    def commit(self, boundary: int | None) -> None:
+        """`boundary` layers are done and their hidden states durable; None: embedding has started."""
+
+
+@dataclass
+class EngineOptions:
+    prefetch: bool = True
+    progress: bool = True
+    cache_budget: int | None = None  # bytes for the memory tier; None = auto, 0 = zarr every layer
+    checkpoint_every: int | None = None  # memory tier: layers between zarr checkpoints; None = auto
+    keep_hidden: bool = False  # every boundary stays in the zarr cache
+    memory_budget: int | None = None  # bytes; None = derived from available memory
+    crash_prefix: str = ""  # names of this walk's crash points (tests)
+    # fixed paging instead of the budget's (tests force small chunks and token groups on tiny models,
+    # whose layers fit any budget): SURGERY_EXPERTS_PER_CHUNK / SURGERY_TOKENS_PER_GROUP by default
+    experts_per_chunk: int | None = field(default_factory=lambda: _env_int("SURGERY_EXPERTS_PER_CHUNK"))
+    tokens_per_group: int | None = field(default_factory=lambda: _env_int("SURGERY_TOKENS_PER_GROUP"))
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+class LayerEngine:
+    def __init__(self, model: MoEModel, device: torch.device, dtype: torch.dtype, cache: HiddenCache,
+                 opts: EngineOptions, ranks: Ranks | None = None) -> None:
+        self.model, self.device, self.dtype, self.cache, self.opts = model, device, dtype, cache, opts
+        self.ranks = ranks or Ranks()
+        self.factory = LayerFactory(model, dtype, device)
+        self.stream = LayerStream(self.factory)
+        self.budget = MemoryBudget.resolve(opts.memory_budget, device)
+        self.staging = Staging(pinned=device.type == "cuda")
+        self.buffers = Buffers()
+        self.timings = {"load_wait": 0.0, "layer_compute": 0.0, "checkpoint_write": 0.0}
+        self.chunks: dict[int, int] = {}  # layer -> experts per chunk
+        self.peak_anon = rss_anon()
+        self.tier: MemoryTier | ZarrTier | None = None
+        self.every: int | None = None
+        self.stop = threading.Event()
+
+    # ---------------------------------------------------------------- tiers
+    def _tier_bytes(self, batches: Sequence[Batch], mask: np.ndarray) -> int:
+        hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum((e - s) * real_length(mask[s:e]) * hidden * item for s, e in batches)
+
+    def _choose_tier(self, ids: np.ndarray, mask: np.ndarray, batches: Sequence[Batch]) -> MemoryTier | ZarrTier:
+        """Memory when input, output and the copy being checkpointed fit both the cache budget and
+        a third of what the memory budget leaves now; on CUDA on the GPU when they fit there too."""
+        hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
+        shape = (ids.shape[0], ids.shape[1], hidden)
+        need = 3 * self._tier_bytes(batches, mask)
+        cache_budget = self.opts.cache_budget
+        if cache_budget is None:
+            cache_budget = self.budget.host_free() // 3
+        if cache_budget > 0 and need <= min(cache_budget, self.budget.host_free() // 3):
+            on_device = self.device.type == "cuda" and need <= self.budget.device_free(self.device) // 3
+            return MemoryTier(self.cache, shape, self.dtype, self.ranks, on_device)
+        return ZarrTier(self.cache, shape, self.dtype, self.ranks)
+
+    # ---------------------------------------------------------------- walk
+    def walk(self, passes: Sequence[LayerPass], ids: np.ndarray, mask: np.ndarray, batches: list[Batch],
+             start: int | None, journal: Journal, layers: Sequence[int] | None = None,
+             mtp: Sequence[int] = ()) -> Reader:
+        """Run `layers` (default: every decoder layer) from `start` (a durable boundary; None: embed
+        first), then the MTP layers `mtp`, and return a reader of the last boundary's hidden states."""
+        handlers = self._install_signal_handlers()
+        try:
+            return self._walk(passes, ids, mask, batches, start, journal, layers, mtp)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread() or self.ranks.world > 1:
+            return {}
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, lambda *_: self.stop.set())
+        return previous
+
+    def _begin(self, ids: np.ndarray, mask: np.ndarray, batches: list[Batch], start: int | None,
+               journal: Journal) -> int:
+        """Embed into the tier (fresh), or load the durable boundary `start`; returns the first layer."""
+        tier, prefix = self.tier, self.opts.crash_prefix
+        if start is None:
+            rows = {b: self.stream.embed_batch(ids[b[0]:b[1], :real_length(mask[b[0]:b[1]])]) for b in batches}
+            if isinstance(tier, ZarrTier):
+                tier.put(0, rows)
+                crash_point(f"{prefix}embed")
+                journal.commit(0)
+            else:
+                tier.store = rows
+                crash_point(f"{prefix}embed")
+                if self.opts.keep_hidden:
+                    self._checkpoint(journal, 0)
+            return 0
+        if not self.cache.has_hidden(start):
+            raise SurgeryError(f"the manifest says {start} layers are done but hidden_{start} is missing from the "
+                               "cache; start with an empty work directory", self.cache.path)
+        if self.ranks.main:
+            for stale in self.cache.hidden_layers():
+                if stale > start:
+                    self.cache.delete_hidden(stale)  # interrupted mid-write: recomputed
+        self.ranks.barrier()
+        tier.load(start, batches, mask)
+        return start
+
+    def _checkpoint(self, journal: Journal, boundary: int, snapshot=None) -> None:
+        """Make `boundary` durable and the resume point, then drop older hidden states."""
+        self.tier.save(boundary, self.tier.snapshot() if snapshot is None else snapshot)
+        journal.commit(boundary)
+        crash_point(f"{self.opts.crash_prefix}layer{boundary - 1}.manifest")
+        if self.ranks.main and not self.opts.keep_hidden:
+            for old in self.cache.hidden_layers():
+                if old < boundary:
+                    self.cache.delete_hidden(old)
+
+    def _walk(self, passes, ids, mask, batches, start, journal, layers, mtp) -> Reader:
+        self.tier = tier = self._choose_tier(ids, mask, batches)
+        order = list(range(self.model.num_layers)) if layers is None else list(layers)
+        first = self._begin(ids, mask, batches, start, journal)
+        todo = [layer for layer in order if layer >= first]
+        every = self.opts.checkpoint_every or (1 if self.opts.keep_hidden else None)
+        durable = start
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-checkpoint") \
+            if isinstance(tier, MemoryTier) and self.ranks.world == 1 else None
+        pending: Future | None = None
+        layer = first
+        tokens = int(mask.sum())
+        try:
+            with layer_progress(len(order) + len(mtp), tokens,
+                                enabled=self.opts.progress and self.ranks.main) as progress:
+                progress.start_layers(len(order) - len(todo))
+                for i, layer in enumerate(todo):
+                    progress.start_layer(layer)
+                    t0 = time.perf_counter()
+                    module = self.factory.load(layer).eval()
+                    if self.opts.prefetch and i + 1 < len(todo):
+                        self.factory.prefetch(todo[i + 1])
+                    self.timings["load_wait"] += time.perf_counter() - t0
+                    tier.begin(layer)
+                    t0 = time.perf_counter()
+                    try:
+                        self.run_layer(layer, module, passes, batches, mask, tier.read, tier.write, progress.advance,
+                                       overlap_io=tier.overlap_io)
+                    finally:
+                        self.factory.unload(layer)
+                    compute = time.perf_counter() - t0
+                    self.timings["layer_compute"] += compute
+                    tier.swap()
+                    for p in passes:
+                        p.end_layer(layer)
+                    crash_point(f"{self.opts.crash_prefix}layer{layer}.stats")
+                    boundary = layer + 1
+                    if tier.on_disk_every_layer:
+                        self.ranks.barrier()
+                        self._checkpoint(journal, boundary)
+                        durable = boundary
+                        continue
+                    last = i + 1 == len(todo)
+                    if every is None or last or boundary - (durable or 0) >= every:
+                        if pending is not None:
+                            pending.result()
+                        w0 = time.perf_counter()
+                        snapshot = tier.snapshot()
+                        if writer is None:
+                            self._checkpoint(journal, boundary, snapshot)
+                        else:
+                            pending = writer.submit(self._checkpoint, journal, boundary, snapshot)
+                        if every is None:
+                            # auto, decided at the first checkpoint: its disk traffic should cost < 10% of the
+                            # compute it protects (the write itself runs behind the next layers)
+                            if pending is not None:
+                                pending.result()
+                            every = self.ranks.agree_max(
+                                max(1, math.ceil((time.perf_counter() - w0) / max(0.1 * compute, 1e-9))))
+                        durable = boundary
+                if pending is not None:
+                    pending.result()
+                if mtp:
+                    self._walk_mtp(passes, list(mtp), batches, ids, mask, tier.read, progress)
+        except KeyboardInterrupt:
+            if isinstance(tier, MemoryTier) and self.ranks.world == 1:
+                if pending is not None:
+                    pending.result()
+                if durable != layer:  # the tier holds the complete input of `layer`
+                    self._checkpoint(journal, layer, tier.snapshot())
+            raise
+        finally:
+            if writer is not None:
+                writer.shutdown(wait=True)
+            self.factory.close()
+            self.every = every
+            self.timings["checkpoint_write"] = tier.write_seconds
+        return tier.read
+
+    def _walk_mtp(self, passes: Sequence[LayerPass], layers: list[int], batches: list[Batch], ids: np.ndarray,
+                  mask: np.ndarray, read_last: Reader, progress) -> None:
+        """The multi-token-prediction modules stored past the last decoder layer (GLM-4.x, DeepSeek-V3).
+        MTP module k at position i sees the previous hidden state h_i (the last decoder layer's output,
+        or MTP k-1's) and the token i+k+1: h' = eh_proj(cat(enorm(embed(t_{i+k+1})), hnorm(h_i))), then
+        its decoder layer, whose experts are scored over positions whose current and predicted-from
+        tokens are both real. Their outputs stay in memory (they feed nothing but the next MTP module)."""
+        factory, dtype, device = self.factory, self.dtype, self.device
+        eps = float(getattr(factory.config, "rms_norm_eps", 1e-6))
+        pad = np.zeros((ids.shape[0], len(layers) + 1), dtype=ids.dtype)
+        ids_ext, mask_ext = np.concatenate([ids, pad], 1), np.concatenate([mask, pad.astype(mask.dtype)], 1)
+        previous = read_last
+        for k, layer in enumerate(layers):
+            progress.start_layer(layer)
+            module, parts = factory.load_mtp(layer)
+            outputs: dict[Batch, torch.Tensor] = {}
+
+            def read(b: Batch, t: int, k: int = k, parts: dict = parts, previous=previous) -> torch.Tensor:
+                nxt = ids_ext[b[0]:b[1], k + 1:k + 1 + t]
+                if "embed_tokens.weight" in parts:
+                    emb = parts["embed_tokens.weight"][torch.from_numpy(nxt).to(device)]
+                else:
+                    emb = self.stream.embed_batch(nxt).to(device)
+                h = previous(b, t).to(device, dtype)
+                x = torch.cat([_rms(emb, parts["enorm.weight"], eps), _rms(h, parts["hnorm.weight"], eps)], -1)
+                return torch.nn.functional.linear(x, parts["eh_proj.weight"])
+
+            def scored(b: Batch, m: torch.Tensor, k: int = k) -> torch.Tensor:
+                t = m.shape[1]
+                return m * torch.from_numpy(mask_ext[b[0]:b[1], k + 1:k + 1 + t].astype(np.int64)).to(m.device)
+
+            self.run_layer(layer, module, passes, batches, mask, read, outputs.__setitem__, progress.advance, scored)
+            for p in passes:
+                p.end_layer(layer)
+            previous = (lambda out: (lambda b, t: out[b]))(outputs)
+
+    # ---------------------------------------------------------------- summary
+    def summary(self, seconds: float, first: int, cache_bytes: int) -> dict:
+        """What the walk did and where its time went (read, transfer, dequant, compute of routed
+        experts; waiting for resident layers; checkpoints), and its peak memory."""
+        import resource
+
+        self._track()
+        t = {**self.factory.timings, **self.timings}
+        out = {
+            "layers": self.model.num_layers - first,
+            "seconds": seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_anon_mb": self.peak_anon / 2**20,
+            "memory_budget_mb": self.budget.total / 2**20,
+            "memory_budget_given": self.budget.given,
+            "cache_bytes": cache_bytes,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "tier": self.tier.name if self.tier is not None else None,
+            "checkpoint_every": self.every,
+            "ranks": self.ranks.world,
+            "experts_per_chunk": {str(k): v for k, v in sorted(self.chunks.items())},
+            **{f"{k}_s": round(v, 3) for k, v in t.items()},
+        }
+        if self.device.type == "cuda":
+            out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+    # ---------------------------------------------------------------- one layer
+    def run_layer(self, layer: int, module: nn.Module, passes: Sequence[LayerPass], batches: Sequence[Batch],
+                  mask: np.ndarray, read: Reader, write: Callable[[Batch, torch.Tensor], None],
+                  advance: Callable[[int], None],
+                  scored: Callable[[Batch, torch.Tensor], torch.Tensor] | None = None,
+                  overlap_io: bool = False) -> None:
+        """Every batch through `layer`. A MoE layer's routed experts come from its `ExpertStore`: all at
+        once when they fit the budget, else in chunks streamed over captured groups of batches."""
+        block = self.factory.moe_block(module)
+        store = self.factory.expert_store(layer, module) if block is not None else None
+        if store is None:
+            self.stream.run_batches(layer, module, batches, mask, read, write, advance, None, self._should_stop,
+                                    scored, overlap_io)
+            return
+        runner = RoutedExperts(block, store.num_experts, self.model.spec.experts_transposed, layer,
+                               where=self.model.ckpt.directory)
+        runner.timings = self.factory.timings
+        for p in passes:
+            runner.listeners.extend(p.listeners(layer, block, runner))
+        try:
+            per_chunk, group = self._plan(store, batches, mask)
+            self.chunks[layer] = per_chunk
+            experts = list(range(store.num_experts))
+            if per_chunk >= store.num_experts:
+                runner.weights = store.load_all(self.staging, self.buffers, self.opts.prefetch)
+                self._track()
+                self.stream.run_batches(layer, module, batches, mask, read, write, advance, runner,
+                                        self._should_stop, scored, overlap_io)
+                return
+            done = 0
+            for part in _groups(batches, mask, group):
+                inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in part}
+                held = _held(inputs)
+                runner.capture()
+                self.stream.run_batches(layer, module, part, mask, held, lambda b, y: None, lambda n: None, runner,
+                                        None, scored, first_index=None)
+                for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch):
+                    runner.compute(ids, weights, runner.captured, ids[0])
+                    self._track()
+                runner.replay()
+                self.stream.run_batches(layer, module, part, mask, held, write, advance, runner, self._should_stop,
+                                        scored, first_index=done)
+                done += len(part)
+        finally:
+            runner.detach()
+
+    def _should_stop(self) -> bool:
+        return self.stop.is_set()
+
+    def _track(self) -> None:
+        self.peak_anon = max(self.peak_anon, rss_anon())
+
+    def _plan(self, store, batches: Sequence[Batch], mask: np.ndarray) -> tuple[int, int]:
+        """(experts per chunk, tokens per captured group) for this layer under the budget, measured
+        after its resident part is loaded. Staging and chunk buffers kept from earlier layers are
+        reused, so what they hold counts as free; the next layer's resident part, being read
+        meanwhile, does not."""
+        self._track()
+        if self.opts.experts_per_chunk:
+            return min(self.opts.experts_per_chunk, store.num_experts), self.opts.tokens_per_group or int(mask.sum())
+        hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
+        item = torch.empty((), dtype=self.dtype).element_size()
+        act = max((_activation_bytes(self.factory.config, b, mask, hidden, item) for b in batches), default=0)
+        on_device = self.device.type == "cuda"
+        free_host = self.budget.host_free() + self.staging.nbytes() - self.factory.pending_bytes()
+        if on_device:
+            free_dev = self.budget.device_free(self.device) + self.buffers.nbytes()
+        else:
+            free_host += self.buffers.nbytes()
+            free_dev = free_host
+        e, compute, raw = store.num_experts, store.compute_bytes(), store.raw_bytes()
+        staging = 2 * store.read_chunk() * raw
+        if on_device and e * compute + act <= free_dev and staging <= free_host:
+            return e, 0
+        if not on_device and e * compute + act + staging <= free_host:
+            return e, 0
+        # paging: a group of captured tokens (layer input, MoE input, routed output) takes up to a quarter
+        tokens = int(mask.sum())
+        per_token = 4 * hidden * item
+        group = max(1, min(tokens, (max(free_dev, 0) // 4) // per_token))
+        held = min(tokens, group) * per_token
+        n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
+                       self.model.ckpt.directory)
+        return n, group
+
+
+def _held(inputs: dict[Batch, torch.Tensor]) -> Reader:
+    return lambda b, t: inputs[b]
+
+
+def _groups(batches: Sequence[Batch], mask: np.ndarray, tokens: int) -> list[list[Batch]]:
+    """Consecutive batches holding about `tokens` real-length positions each (at least one batch)."""
+    out, part, held = [], [], 0
+    for b in batches:
+        n = (b[1] - b[0]) * real_length(mask[b[0]:b[1]])
+        if part and held + n > tokens:
+            out.append(part)
+            part, held = [], 0
+        part.append(b)
+        held += n
+    if part:
+        out.append(part)
+    return out
+
+
+def _activation_bytes(config, batch: Batch, mask: np.ndarray, hidden: int, item: int) -> int:
+    """A generous estimate of one batch's transient tensors in a decoder layer: attention scores for
+    every head (eager attention materialises them), the q/k/v/o projections, the MoE block's routing
+    and one expert's intermediate for every routed token."""
+    rows = batch[1] - batch[0]
+    t = real_length(mask[batch[0]:batch[1]])
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    inter = int(getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", hidden))
+    k = int(getattr(config, "num_experts_per_tok", 1) or 1)
+    tokens = rows * t
+    scores = 3 * rows * heads * t * t * 4
+    proj = tokens * (4 * heads * head_dim + 8 * hidden) * item
+    experts = tokens * k * (3 * inter + hidden) * item
+    return scores + proj + experts
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the families' own modules compute it (float32 statistics, weight in the input dtype)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)

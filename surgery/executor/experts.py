@@ -1,0 +1,480 @@
+"""A MoE layer's routed experts, paged in chunks instead of held whole.
+
+The unit of residency is a chunk of experts whose size the memory budget decides (`surgery.executor.
+budget`), not a decoder layer: a DeepSeek-V3 layer (34 GB in bf16) runs in a few GB. Attention, norms,
+the router and shared experts stay resident (`LayerFactory.load_resident`); the routed experts'
+parameters stay on the meta device and `ExpertStore` supplies them chunk by chunk:
+
+- `read(ids, staging)` reads the chunk's bytes *as stored* (FP8 weights and their float32 scales, or
+  bf16) into a reusable host staging buffer (pinned on CUDA, allocated once per shape and reused for
+  every chunk of every layer), in a background thread one chunk ahead of the compute;
+- `materialize(raw)` moves those bytes to the compute device and dequantises them there, in the compute
+  dtype, into reused `[n, ...]` buffers laid out as transformers 5 fuses them (`gate_up_proj [n, 2I, H]`,
+  `down_proj [n, H, I]`, gpt-oss biases): FP8 blocks are a broadcast multiply over a block view, not
+  `repeat_interleave` copies, and on the CPU `copy_`/`mul_` run multithreaded in place.
+
+`RoutedExperts` replaces the block's `experts.forward`. With every expert in one chunk it computes the
+layer in one pass; otherwise the executor runs the layer's batches once to *capture* each batch's MoE
+input and routing (the experts' contribution returned as zeros), streams the chunks over the captured
+tokens, and runs the batches again to *replay* the finished expert outputs into the layer. Per expert
+and batch the computation is the same call on the same values in both modes, and each token's output
+is accumulated in ascending expert order in both, so paged results are bit-identical to the one-chunk
+path. Listeners (saliency, fidelity) see each expert's output on its routed tokens as it is computed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size
+from surgery.errors import SurgeryError
+
+
+# ---------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class Piece:
+    """One on-disk tensor (or rows `rows` of a fused `[E, ...]` one) that fills rows
+    [row, row + n) of an expert's in-memory parameter; `scale`: its FP8 `weight_scale_inv`."""
+
+    name: str
+    row: int
+    scale: str | None = None
+    rows: tuple[int, int] | None = None  # expert slice of a fused-on-disk tensor
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """An in-memory fused expert parameter (e.g. `gate_up_proj`): its per-expert shape and where each
+    expert's values are on disk."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[tuple[Piece, ...], ...]  # per expert
+
+
+class ExpertStore:
+    """Where one layer's routed experts live on disk, and how a chunk of them is read and built."""
+
+    def __init__(self, factory, layer: int) -> None:
+        self.factory = factory
+        self.model = factory.model
+        self.ckpt = self.model.ckpt
+        self.layer = layer
+        self.dtype = factory.dtype
+        self.device = factory.device
+        self.params = self._layout()
+        self.num_experts = len(self.params[0].pieces)
+        self.timings = factory.timings
+
+    def _layout(self) -> list[ParamLayout]:
+        model, spec, ckpt = self.model, self.model.spec, self.ckpt
+        experts: dict[int, dict[str, str]] = {}
+        fused: dict[str, str] = {}
+        role_of = {proj: role for role, proj in spec.projections.items()}
+        for info in model.layer_tensors(self.layer):
+            role = model.classify(info.name)
+            if role.kind == "expert" and role.rest.endswith(".weight"):
+                proj = role.rest.removesuffix(".weight")
+                if proj not in role_of:
+                    raise SurgeryError(f"unexpected expert tensor {info.name!r} for family {spec.family}",
+                                       ckpt.directory)
+                experts.setdefault(role.expert, {})[role_of[proj]] = info.name
+            elif role.kind == "fused":
+                fused[info.name[len(model.moe_prefix(self.layer)):]] = info.name
+        if experts:
+            ids = sorted(experts)
+            if ids != list(range(len(ids))):
+                raise SurgeryError(f"layer {self.layer} has experts {ids[:3]}... not numbered 0..n-1", ckpt.directory)
+            out = []
+            for param, roles in spec.fused_experts:
+                per_expert = []
+                for e in ids:
+                    row, pieces = 0, []
+                    for r in roles:
+                        if r not in experts[e]:
+                            raise SurgeryError(f"layer {self.layer} expert {e} has no {spec.projections[r]!r} "
+                                               "weight", ckpt.directory)
+                        name = experts[e][r]
+                        scale = name.removesuffix("weight") + SCALE_SUFFIX
+                        pieces.append(Piece(name, row, scale if scale in ckpt else None))
+                        row += ckpt.info(name).shape[0]
+                    per_expert.append(tuple(pieces))
+                first = ckpt.info(per_expert[0][0].name).shape
+                out.append(ParamLayout(param, (row, *first[1:]), tuple(per_expert)))
+            return out
+        # experts fused on disk (gpt-oss): in-memory name = the disk name under the experts module
+        out = []
+        for rel, name in sorted(fused.items()):
+            shape = ckpt.info(name).shape
+            param = rel.split("experts.", 1)[1]
+            out.append(ParamLayout(param, tuple(shape[1:]),
+                                   tuple((Piece(name, 0, None, (e, e + 1)),) for e in range(shape[0]))))
+        return out
+
+    # ---------------------------------------------------------------- sizes
+    def raw_bytes(self, expert: int = 0) -> int:
+        """Bytes of one expert as stored (what staging holds)."""
+        total = 0
+        for p in self.params:
+            for piece in p.pieces[expert]:
+                info = self.ckpt.info(piece.name)
+                total += info.nbytes // info.shape[0] if piece.rows else info.nbytes
+                if piece.scale:
+                    total += self.ckpt.info(piece.scale).nbytes
+        return total
+
+    def compute_bytes(self) -> int:
+        """Bytes of one expert's parameters in the compute dtype (what a chunk buffer holds)."""
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum(item * _numel(p.shape) for p in self.params)
+
+    # ---------------------------------------------------------------- read (background thread)
+    def read(self, ids: Sequence[int], staging: Staging) -> RawChunk:
+        """The bytes of experts `ids` as stored, read into `staging` (no conversion, no copy)."""
+        t0 = time.perf_counter()
+        views: dict[str, list[list[tuple[Piece, torch.Tensor, torch.Tensor | None]]]] = {}
+        pieces = sum(len(p.pieces[e]) for p in self.params for e in ids)
+        buf = staging.take(sum(self.raw_bytes(e) for e in ids) + 2 * 64 * pieces)  # each piece 64-byte aligned
+        offset = 0
+        for p in self.params:
+            per = []
+            for e in ids:
+                parts = []
+                for piece in p.pieces[e]:
+                    w, offset = _read_into(self.ckpt, piece.name, buf, offset, piece.rows)
+                    s = None
+                    if piece.scale:
+                        s, offset = _read_into(self.ckpt, piece.scale, buf, offset, None)
+                    parts.append((piece, w, s))
+                per.append(parts)
+            views[p.name] = per
+        self.timings["read"] += time.perf_counter() - t0
+        return RawChunk(list(ids), views)
+
+    # ---------------------------------------------------------------- build (compute thread)
+    def materialize(self, raw: RawChunk, out: dict[str, torch.Tensor], first: int = 0) -> None:
+        """Build the chunk's parameters into rows [first, first + n) of `out` (`[*, ...]` buffers on the
+        compute device in the compute dtype): bytes moved to the device as stored, FP8 dequantised
+        there (a broadcast over 2-D blocks)."""
+        cfg = self.ckpt.config
+        cuda = self.device.type == "cuda"
+        for p in self.params:
+            dst = out[p.name]
+            for i, parts in enumerate(raw.views[p.name]):
+                for piece, w, s in parts:
+                    t0 = time.perf_counter()
+                    w = w.to(self.device, non_blocking=True)
+                    s = s.to(self.device, non_blocking=True) if s is not None else None
+                    if cuda:
+                        torch.cuda.current_stream(self.device).synchronize()
+                    t1 = time.perf_counter()
+                    self.timings["transfer"] += t1 - t0
+                    target = dst[first + i] if piece.rows else dst[first + i, piece.row:piece.row + w.shape[0]]
+                    if s is None:
+                        target.copy_(w.reshape(target.shape))
+                    else:
+                        dequantize_into(target, w, s, block_size(cfg, tuple(w.shape), tuple(s.shape)))
+                    if cuda:
+                        torch.cuda.current_stream(self.device).synchronize()
+                    self.timings["dequant"] += time.perf_counter() - t1
+
+    def _raw_stream(self, groups: list[list[int]], staging: Staging, prefetch: bool) -> Iterator[RawChunk]:
+        """Raw chunks in order, the next one read in a background thread while this one is built and
+        computed (two staging halves: at most one chunk read ahead)."""
+        if not groups:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-experts") if prefetch else None
+        try:
+            ahead: Future | None = None
+            for g, chunk in enumerate(groups):
+                if pool is None:
+                    raw = self.read(chunk, staging.half(g))
+                else:
+                    raw = ahead.result() if ahead is not None else self.read(chunk, staging.half(g))
+                    ahead = pool.submit(self.read, groups[g + 1], staging.half(g + 1)) \
+                        if g + 1 < len(groups) else None
+                yield raw
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def read_chunk(self) -> int:
+        """Experts per read when all of them are built at once (~64 MB of stored bytes per read)."""
+        return max(1, min(self.num_experts, (64 << 20) // max(self.raw_bytes(), 1)))
+
+    def load_all(self, staging: Staging, buffers: Buffers, prefetch: bool = True) -> dict[str, torch.Tensor]:
+        """Every expert, as `[E, ...]` parameters, read in chunks that overlap their building."""
+        e, per = self.num_experts, self.read_chunk()
+        out = {p.name: buffers.get(p.name, (e, *p.shape), self.dtype, self.device) for p in self.params}
+        ids = list(range(e))
+        for raw in self._raw_stream([ids[i:i + per] for i in range(0, e, per)], staging, prefetch):
+            self.materialize(raw, out, raw.ids[0])
+        return out
+
+    def chunks(self, ids: list[int], per_chunk: int, staging: Staging, buffers: Buffers,
+               prefetch: bool = True) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(expert ids, their `[n, ...]` parameters) chunk by chunk, in ascending order; the buffers are
+        reused, so a chunk's parameters are valid until the next one is yielded."""
+        groups = [ids[i:i + per_chunk] for i in range(0, len(ids), per_chunk)]
+        for raw in self._raw_stream(groups, staging, prefetch):
+            n = len(raw.ids)
+            out = {p.name: buffers.get(p.name, (per_chunk, *p.shape), self.dtype, self.device)[:n]
+                   for p in self.params}
+            self.materialize(raw, out)
+            yield raw.ids, out
+
+
+@dataclass
+class RawChunk:
+    ids: list[int]
+    views: dict[str, list[list[tuple[Piece, torch.Tensor, torch.Tensor | None]]]]
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _read_into(ckpt, name: str, buf: torch.Tensor, offset: int,
+               rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
+    """Read tensor `name` (or its rows) into `buf[offset:]` (64-byte aligned); returns its typed view."""
+    info = ckpt.info(name)
+    offset = (offset + 63) & ~63
+    if rows is None:
+        start, length, shape = 0, info.nbytes, info.shape
+    else:
+        row_bytes, n = info.nbytes // info.shape[0], rows[1] - rows[0]
+        start, length, shape = rows[0] * row_bytes, n * row_bytes, (n, *info.shape[1:])
+    region = buf[offset:offset + length]
+    ckpt.read_into(info, region, start)
+    return region.view(info.torch_dtype).reshape(shape), offset + length
+
+
+class Staging:
+    """Reusable host buffers for raw chunk bytes: two halves (the chunk being built and the one being
+    read ahead), each grown only when a larger chunk needs it, pinned on CUDA so host->device copies
+    are asynchronous. Allocated once and reused across chunks and layers."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self._halves = [_Half(pinned), _Half(pinned)]
+
+    def half(self, i: int) -> _Half:
+        return self._halves[i % 2]
+
+    def nbytes(self) -> int:
+        return sum(h.nbytes() for h in self._halves)
+
+
+class _Half:
+    def __init__(self, pinned: bool) -> None:
+        self.pinned = pinned
+        self.buf: torch.Tensor | None = None
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < nbytes:
+            self.buf = None
+            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buf
+
+    def nbytes(self) -> int:
+        return 0 if self.buf is None else self.buf.numel()
+
+
+class Buffers:
+    """Compute-dtype chunk buffers on the device, kept by shape and reused for every chunk and layer
+    (a smaller last chunk uses the leading slice of the same buffer)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0] or buf.dtype != dtype:
+            self._bufs.pop(name, None)
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self._bufs[name] = buf
+        return buf[:shape[0]]
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._bufs.values())
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+def dequantize_into(dst: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+                    block: tuple[int, int]) -> None:
+    """dst = weight * scale of its block, in place in dst's dtype (the product is taken in float32,
+    so float32 and bf16 results equal `fp8.dequantize`'s). Full blocks are one broadcast multiply over
+    a [rows/b, b, cols/b, b] view; partial edge blocks get the same broadcast on their strips."""
+    dst.copy_(weight)
+    rows, cols = dst.shape
+    br, bc = block
+    scale = scale_inv.float()
+    fr, fc = rows - rows % br, cols - cols % bc
+    nr, nc = fr // br, fc // bc
+    if fr and fc:
+        dst[:fr, :fc].view(nr, br, nc, bc).mul_(scale[:nr, None, :nc, None])
+    if fc < cols and fr:  # right strip: one partial column block per row block
+        dst[:fr, fc:].view(nr, br, cols - fc).mul_(scale[:nr, None, nc:nc + 1])
+    if fr < rows:  # bottom strip: one partial row block
+        bottom = dst[fr:]
+        if fc:
+            bottom[:, :fc].view(rows - fr, nc, bc).mul_(scale[nr, None, :nc, None])
+        if fc < cols:
+            bottom[:, fc:].mul_(scale[nr, nc])
+
+
+# ---------------------------------------------------------------------------------------------- compute
+def expert_forward(experts: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
+                   transposed: bool = False) -> torch.Tensor:
+    """E(x) for one expert given its parameters (`gate_up_proj` [2I, H], `down_proj` [H, I], or
+    transposed [in, out] for gpt-oss, optional `*_bias`), with the experts module's own gating."""
+    transposed = transposed or getattr(experts, "is_transposed", False)
+    w = params["gate_up_proj"]
+    h = x @ w if transposed else F.linear(x, w)
+    if "gate_up_proj_bias" in params:
+        h = h + params["gate_up_proj_bias"]
+    if hasattr(experts, "_apply_gate"):
+        h = experts._apply_gate(h)
+    else:
+        gate, up = h.chunk(2, dim=-1)
+        h = experts.act_fn(gate) * up
+    w2 = params["down_proj"]
+    y = h @ w2 if transposed else F.linear(h, w2)
+    if "down_proj_bias" in params:
+        y = y + params["down_proj_bias"]
+    return y
+
+
+@dataclass
+class BatchRouting:
+    """One batch's MoE input and routing, sorted by expert; `out` accumulates Σ w·E_j(x)."""
+
+    x: torch.Tensor  # [N, H]
+    valid: torch.Tensor  # bool [N]: tokens the statistics count
+    token_of: torch.Tensor  # token of each (token, slot) pair, sorted by expert
+    weight_of: torch.Tensor
+    bounds: list[int]  # pairs of expert j are [bounds[j], bounds[j + 1])
+    out: torch.Tensor
+    notes: dict = field(default_factory=dict)  # listener -> its per-batch state
+
+    def routed(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.bounds[j], self.bounds[j + 1]
+        return self.token_of[a:b], self.weight_of[a:b]
+
+
+class ExpertListener:
+    """What a pass sees of the routed experts: `begin` once per batch (at the forward, where the router
+    ran), then `expert` for every expert in ascending order with its output on its routed tokens
+    (`y` None when it has none) and `run` to evaluate it on other rows."""
+
+    def begin(self, batch: BatchRouting) -> None:  # pragma: no cover - interface
+        pass
+
+    def expert(self, batch: BatchRouting, j: int, tokens: torch.Tensor, weights: torch.Tensor,
+               y: torch.Tensor | None, run: Callable[[torch.Tensor], torch.Tensor]) -> None:  # pragma: no cover
+        pass
+
+
+class RoutedExperts:
+    """Replaces `block.experts.forward` for one layer; see the module docstring for the modes."""
+
+    def __init__(self, block: nn.Module, num_experts: int, transposed: bool, layer: int,
+                 listeners: Sequence[ExpertListener] = (), where: object = None) -> None:
+        self.block = block
+        self.experts = block.experts
+        self.num_experts = num_experts
+        self.transposed = transposed
+        self.layer = layer
+        self.listeners = list(listeners)
+        self.where = where
+        self.valid: torch.Tensor | None = None  # set by the executor before each forward
+        self.mode = "resident"
+        self.weights: dict[str, torch.Tensor] | None = None  # resident: [E, ...] parameters
+        self.captured: list[BatchRouting] = []
+        self._replay = 0
+        self._orig = block.experts.forward
+        runner = self
+
+        def forward(module, hidden_states, top_k_index=None, top_k_weights=None):
+            return runner._forward(hidden_states, top_k_index, top_k_weights)
+
+        import types
+
+        block.experts.forward = types.MethodType(forward, block.experts)
+
+    def detach(self) -> None:
+        self.block.experts.forward = self._orig
+        self.captured.clear()
+        self.weights = None
+
+    # ---------------------------------------------------------------- modes
+    def capture(self) -> None:
+        self.mode, self.captured = "capture", []
+
+    def replay(self) -> None:
+        self.mode, self._replay = "replay", 0
+
+    @torch.no_grad()
+    def _forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.mode == "replay":
+            batch = self.captured[self._replay]
+            self._replay += 1
+            return batch.out
+        valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool)
+        if not torch.isfinite(x).all():
+            raise SurgeryError(f"NaN/Inf in the hidden states after layer {self.layer} (before its MoE block: "
+                               "attention or a norm produced it)", self.where)
+        flat = top_k_index.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        bounds = [0]
+        for n in counts[:self.num_experts]:
+            bounds.append(bounds[-1] + n)
+        batch = BatchRouting(x, valid.to(x.device), torch.div(order, top_k_index.shape[1], rounding_mode="floor"),
+                             top_k_weights.reshape(-1)[order], bounds, torch.zeros_like(x))
+        for listener in self.listeners:
+            listener.begin(batch)
+        if self.mode == "resident":
+            self.compute(range(self.num_experts), self.weights, [batch], 0)
+            return batch.out
+        self.captured.append(batch)
+        return torch.zeros_like(x)
+
+    def compute(self, ids: Sequence[int], weights: dict[str, torch.Tensor], batches: Sequence[BatchRouting],
+                first: int) -> None:
+        """Experts `ids` (ascending; `weights[k][j - first]` are expert j's) over `batches`, batch by
+        batch as the one-chunk path does, so per-expert statistics accumulate in the same order."""
+        timings = getattr(self, "timings", None)
+        t0 = time.perf_counter()
+        for batch in batches:
+            for j in ids:
+                params = {k: v[j - first] for k, v in weights.items()}
+                tokens, w = batch.routed(j)
+                y = None
+                if tokens.numel():
+                    y = expert_forward(self.experts, params, batch.x[tokens], self.transposed)
+                    if not torch.isfinite(y).all():
+                        raise SurgeryError(f"NaN/Inf in the hidden states after layer {self.layer}: produced by "
+                                           f"expert {j}", self.where)
+                if self.listeners:
+                    def run(rows: torch.Tensor, params=params) -> torch.Tensor:
+                        return expert_forward(self.experts, params, rows, self.transposed)
+
+                    for listener in self.listeners:
+                        listener.expert(batch, j, tokens, w, y, run)
+                if y is not None:
+                    batch.out.index_add_(0, tokens, (y * w[:, None]).to(batch.out.dtype))
+        if timings is not None:
+            timings["compute"] += time.perf_counter() - t0
