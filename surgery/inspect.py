@@ -63,9 +63,16 @@ def summarize(model: MoEModel) -> dict:
         "router_bytes": sum(router_bytes.values()),
         "pruned_bytes": {f"{r:.2f}": pruned_size(model, r, expert_bytes, router_bytes) for r in RATIOS},
         "experts_kept": {f"{r:.2f}": _kept(model.num_experts, r) for r in RATIOS},
+        "w4a16_bytes": _w4a16(model),  # after `surgery quantize` (W4A16), unpruned and after each ratio
         # what every other command would refuse (surgery.arch.consistency): inspect reports, never refuses
         "problems": [{"rule": p.rule, "subject": p.subject, "message": p.message} for p in model.problems()],
     }
+
+
+def _w4a16(model: MoEModel) -> dict[str, int] | None:
+    from surgery.quant.size import w4a16_sizes
+
+    return w4a16_sizes(model, RATIOS)
 
 
 def _kept(num_experts: int, ratio: float) -> int:

@@ -47,6 +47,9 @@ def inspect_cmd(
     for r, size in info["pruned_bytes"].items():
         rows.append((f"after pruning {float(r):.0%}", f"{human_bytes(size)} "
                      f"({info['experts_kept'][r]} experts per layer)"))
+    for r, size in (info.get("w4a16_bytes") or {}).items():
+        label = f"after pruning {float(r):.0%} + W4A16" if float(r) else "after W4A16"
+        rows.append((label, human_bytes(size)))
     problems = info["problems"]
     rows.append(("consistency", "OK (index, shapes, dtypes, quantization and routing agree with config.json)"
                  if not problems else f"[red]{len(problems)} problem(s): other commands refuse this checkpoint[/red]"))

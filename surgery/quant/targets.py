@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from surgery.arch.model import MoEModel
-from surgery.checkpoint.fp8 import SCALE_SUFFIX
 from surgery.errors import SurgeryError
 
+SCALE_SUFFIX = "weight_scale_inv"  # FP8 block scales (surgery.checkpoint.fp8; not imported: it needs torch)
 ALIGN = 32  # AutoRound keeps linears with a dimension not divisible by 32 in 16 bits (vLLM's kernels need it)
 FLOAT_DTYPES = ("BF16", "F16", "F32", "F8_E4M3", "F8_E5M2")
 
