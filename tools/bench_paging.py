@@ -56,10 +56,14 @@ CATEGORIES = ("read", "transfer", "dequant", "compute")
 # key fragments that name each category in whatever the engine writes (first match wins, in this order)
 CATEGORY_KEYS = {
     "transfer": ("transfer", "h2d", "host_to_device", "to_device", "copy"),
-    "dequant": ("dequant", "fusion", "fuse"),
-    "read": ("read", "disk", "load_wait", "io_wait"),
+    "dequant": ("dequant", "dequantise", "dequantize", "fusion", "fuse"),
+    "read": ("read", "disk", "io_wait"),
     "compute": ("compute", "forward"),
 }
+# what the engine writes (WORK/manifest.json "summary", issue 12): read_s, transfer_s, dequant_s, compute_s
+# are the routed experts' per-chunk times summed; these are shown beside them when present
+ENGINE_EXTRAS = ("load_wait_s", "layer_compute_s", "peak_anon_mb", "memory_budget_mb", "memory_budget_given",
+                 "experts_per_chunk", "peak_gpu_mb", "seconds", "tier")
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -210,7 +214,8 @@ def measure(run: Run, files: list[Path], timeout: float, min_available: int = 0,
     out = open(log_path, "w") if log_path else subprocess.DEVNULL
     t0 = time.perf_counter()
     proc = subprocess.Popen(run.argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
+                            env={**{k: v for k, v in os.environ.items() if k != "SURGERY_MEMORY_BUDGET"},
+                                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})},
                             start_new_session=True)
     mem = TreeMemory(proc.pid, min_available)
     mem.start()
@@ -306,6 +311,14 @@ def read_breakdown(work: Path) -> dict:
 
     out: dict = {}
     for name, data in sources.items():
+        summary = data.get("summary") if isinstance(data.get("summary"), dict) else data
+        exact = {cat: summary[f"{cat}_s"] for cat in CATEGORIES if isinstance(summary.get(f"{cat}_s"), (int, float))}
+        if exact:  # the engine's own keys: no guessing
+            out.update({cat: round(float(v), 3) for cat, v in exact.items()})
+            out.update({k: summary[k] for k in ENGINE_EXTRAS if k in summary})
+            out["source"] = name
+            out["per_layer"] = per_layer(data)
+            break
         found.clear()
         walk({k: v for k, v in data.items() if k not in ("options", "inputs", "model")}, 0)
         if found:
@@ -413,21 +426,45 @@ def budget_of(run: Run) -> int | None:
 
 
 def fmt_breakdown(b: dict) -> str:
-    parts = [f"{c} {b[c]:.1f}" for c in CATEGORIES if c in b]
-    return " / ".join(parts) + " s" if parts else "-"
+    parts = [f"{b[c]:.1f}" for c in CATEGORIES if c in b]
+    if not parts:
+        return "-"
+    missing = [c for c in CATEGORIES if c not in b]
+    return " / ".join(parts) + " s" + (f" (no {', '.join(missing)})" if missing else "")
+
+
+def fmt_engine(b: dict) -> str:
+    """What the engine said about itself: its budget (given or derived), its own peak, chunking."""
+    bits = []
+    mib = 2**20  # the engine's *_mb figures are MiB
+    if "memory_budget_mb" in b:
+        auto = "" if b.get("memory_budget_given") else " (auto)"
+        bits.append(f"budget {gb(b['memory_budget_mb'] * mib)}{auto}")
+    if "peak_anon_mb" in b:
+        bits.append(f"own peak anon {gb(b['peak_anon_mb'] * mib)}")
+    chunks = b.get("experts_per_chunk")
+    if isinstance(chunks, dict) and chunks:
+        sizes = sorted({v for v in chunks.values() if isinstance(v, int)} or {0})
+        bits.append("experts/chunk " + ("/".join(map(str, sizes))))
+    if "load_wait_s" in b:
+        bits.append(f"waiting for resident parts {b['load_wait_s']:.1f} s")
+    if "layer_compute_s" in b:
+        bits.append(f"layers {b['layer_compute_s']:.1f} s")
+    return "; ".join(bits) or "-"
 
 
 def runs_table(runs: list[Run]) -> list[str]:
     cat = runs[0].wall_s
     lines = ["| run | wall | × cold cat | peak anon (tree) | max VmHWM | ru_maxrss | read / transfer / dequant / "
-             "compute | saliency vs no budget |", "|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| {runs[0].name} | {cat:.1f} s | 1.00 | - | - | - | - | - |")
+             "compute | engine's record | saliency vs no budget |", "|---|---|---|---|---|---|---|---|---|"]
+    lines.append(f"| {runs[0].name} | {cat:.1f} s | 1.00 | - | - | - | - | - | - |")
     for r in runs[1:]:
         status = "" if r.rc == 0 else f" (exit {r.rc}{'; ' + r.note if r.note else ''})"
         budget = budget_of(r)
         peak = gb(r.peak_anon) + (f" ({r.peak_anon / budget:.2f}× budget)" if budget else "")
         lines.append(f"| `{r.name}`{status} | {r.wall_s:.1f} s | {r.wall_s / cat:.2f} | {peak} | {gb(r.peak_hwm)} | "
-                     f"{gb(r.ru_maxrss)} | {fmt_breakdown(r.breakdown)} | {r.saliency_equal} |")
+                     f"{gb(r.ru_maxrss)} | {fmt_breakdown(r.breakdown)} | {fmt_engine(r.breakdown)} | "
+                     f"{r.saliency_equal} |")
     return lines
 
 
@@ -606,9 +643,11 @@ def mode_sweep(args: argparse.Namespace, argv: list[str]) -> None:
             cells.append(f"{r.wall_s:.1f} s ({r.wall_s / cat:.2f}×){fail} | {gb(r.peak_anon)}")
         eq = ", ".join(r.saliency_equal for r in runs[2:]) or "-"
         lines.append(f"| {e} | {gb(size)} | {cat:.1f} s | " + " | ".join(cells) + f" | {eq} |")
-    lines += ["", "Per-run time split (read / transfer / dequant / compute, as recorded by the run):", ""]
+    lines += ["", "Per-run time split (read / transfer / dequant / compute, as recorded by the run) and the engine's "
+              "record:", ""]
     for e, _, runs in rows:
-        lines += [f"- {e} experts, `{r.name}`: {fmt_breakdown(r.breakdown)}" for r in runs[1:]]
+        lines += [f"- {e} experts, `{r.name}`: {fmt_breakdown(r.breakdown)}; {fmt_engine(r.breakdown)}"
+                  for r in runs[1:]]
     write_section(args.doc, args.section, lines)
     save_json(args.section, {"runs": all_runs})
     print("\n".join(lines))

@@ -4,16 +4,17 @@
 # Why a script: GPU time is lent by the minute, so everything that needs a GPU to be believed runs in
 # one go (under 8 minutes): set up .venv with a CUDA torch, generate a 2-layer checkpoint with
 # MiniMax-M2's exact shapes in the hub FP8 layout (tools/gen_fullwidth.py), run `surgery calibrate`
-# on the CPU (float32 reference) and on CUDA (device tier, pinned staging, device dequant, chunked
-# experts under a small --memory-budget, 2 ranks if there are 2 GPUs), compare saliency, and print
-# one table (tools/gpu/check.py). Not part of CI.
+# on CUDA (device tier, pinned staging, device dequant, chunked experts under a small --memory-budget,
+# 2 ranks if there are 2 GPUs) and on the CPU (float32 reference), compare saliency, and print one
+# table (tools/gpu/check.py). Not part of CI.
 #
-#   tools/gpu/check.sh [check.py options, e.g. --experts 128 --out gpu-check.md]
+#   tools/gpu/check.sh [check.py options, e.g. --experts 128 --out gpu-check.md]    # or: just gpu-check
 #
-# Exit status: 0 all comparisons pass, 1 one failed, 2 no CUDA here (one line, at once).
-# Environment: PYTHON (interpreter for a new .venv, default python3); GPU_CHECK_VENV (default .venv).
-# Offline machines: a torch already installed system-wide is reused (the venv sees system
-# site-packages); missing wheels can be put in .whl/ (git-ignored) and are installed from there.
+# Exit status: 0 all comparisons pass, 1 one failed (or set-up failed), 2 no CUDA here (one line, at once).
+# Environment: PYTHON (interpreter that creates .venv, default python3), GPU_CHECK_VENV (default .venv).
+# Offline machines: if PYTHON already has a CUDA torch (an image's own environment, itself perhaps a
+# venv) the new .venv sees its packages through a .pth file instead of downloading torch; wheels for
+# anything else missing can be put in .whl/ (git-ignored) and are then installed from there alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -23,35 +24,44 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep
 fi
 
 start=$(date +%s)
+base=${PYTHON:-python3}
 venv=${GPU_CHECK_VENV:-.venv}
 py=$venv/bin/python
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
-pip_from=()
+pip=("$py" -m pip install -q --retries 1 --timeout 20)
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    pip_from=(--find-links .whl)
+    pip+=(--no-index --find-links .whl)
 fi
 
 if [ ! -x "$py" ]; then
-    echo "gpu-check: creating $venv"
-    "${PYTHON:-python3}" -m venv --system-site-packages "$venv"
+    echo "gpu-check: creating $venv with $base"
+    "$base" -m venv "$venv"
+    # the creating interpreter's packages (a CUDA torch above all) stay visible, after the venv's own:
+    # `--system-site-packages` would not do it when $base is itself a venv (it points past it)
+    if "$base" -c 'import torch' 2>/dev/null; then
+        site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+        "$base" -c 'import site, sys; print("\n".join(site.getsitepackages() + [site.getusersitepackages()]))' \
+            > "$site/_gpu_check_parent.pth"
+    fi
 fi
 # a CUDA torch: on Linux x86-64 PyPI's default torch wheel is the CUDA build (never the CPU index here)
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)' 2>/dev/null; then
     if "$py" -c 'import torch' 2>/dev/null; then
         echo "gpu-check: $venv has a CPU-only torch; installing PyPI's (CUDA) build"
-        "$py" -m pip install -q "${pip_from[@]}" --force-reinstall torch
+        "${pip[@]}" --force-reinstall torch
     else
         echo "gpu-check: installing torch (CUDA build from PyPI)"
-        "$py" -m pip install -q "${pip_from[@]}" torch
+        "${pip[@]}" torch
     fi
 fi
-if ! "$py" -c 'import surgery, zarr, datasets, typer, transformers' 2>/dev/null; then
-    echo "gpu-check: installing surgery into $venv"
-    "$py" -m pip install -q "${pip_from[@]}" -e . \
-        || "$py" -m pip install -q --no-build-isolation --no-deps -e . \
-        || true
-    "$py" -c 'import surgery, zarr, datasets, typer, transformers' \
-        || { echo "gpu-check: could not install surgery's dependencies (offline? put wheels in .whl/)"; exit 1; }
+if ! "$py" -c 'import surgery, zarr, datasets, typer, transformers, safetensors' 2>/dev/null; then
+    echo "gpu-check: installing surgery and its dependencies into $venv"
+    "${pip[@]}" -e . || "${pip[@]}" --no-build-isolation -e . \
+        || "${pip[@]}" --no-build-isolation --no-deps -e . || true
+    "$py" -c 'import surgery, zarr, datasets, typer, transformers, safetensors' || {
+        echo "gpu-check: could not install surgery's dependencies (offline? put their wheels in .whl/)"
+        exit 1
+    }
 fi
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu-check: $("$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)') sees no GPU"
