@@ -98,6 +98,9 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
     with Checkpoint(model_dir) as ckpt:  # before calibration: an impossible count costs nothing, writes nothing
         check_request(MoEModel(ckpt), method, ratio, keep=keep, multiple_of=multiple_of, protect=protect,
                       merge_saliency=merge_saliency)
+        from surgery.rewrite.run import check_extra_files
+
+        check_extra_files(model_dir, ckpt)  # a dangling symlink or a FIFO is refused before calibration, too
     saliency = calibrate(model_dir, work, data, opts)
     plan_path = work / plan_file_name(method, ratio, drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
                                       merge_saliency=merge_saliency)

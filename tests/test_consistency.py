@@ -280,6 +280,14 @@ def test_dangling_symlink_among_extra_files_is_refused_before_any_shard(m2, plan
     _rewrite_refused(src, plans["bf16"], tmp_path, "README.md", "dangling symlink")
 
 
+def test_prune_refuses_a_dangling_symlink_before_calibrating(m2, tmp_path):
+    src = copy_fixture(m2, tmp_path / "m")
+    (src / "README.md").symlink_to(tmp_path / "gone.md")
+    refused_untouched(["prune", src, "--out", tmp_path / "out", "--samples", 2, "--max-length", 16, "--device", "cpu",
+                       "--no-progress"], [src], [tmp_path / "out", tmp_path / "out.work"], "README.md",
+                      "dangling symlink")
+
+
 def test_symlink_loop_among_extra_files_is_refused(m2, plans, tmp_path):
     src = copy_fixture(m2, tmp_path / "m")
     (src / "a.txt").symlink_to("b.txt")

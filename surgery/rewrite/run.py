@@ -222,6 +222,11 @@ def _extra_files(model_dir: Path, shard_names: set[str]) -> tuple[list[Path], li
     return copy, skipped
 
 
+def check_extra_files(model_dir: Path, ckpt: Checkpoint) -> None:
+    """A rewrite's extra-file refusals, for `prune` to make before its long calibration."""
+    _extra_files(Path(model_dir), set(ckpt.shards))
+
+
 def free_bytes(path: Path) -> int:
     """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
     fake = os.environ.get(FREE_SPACE_ENV)
