@@ -46,3 +46,26 @@ def is_packed(name: str) -> bool:
 def group_size_of(config: dict) -> int:
     qcfg = config.get("quantization_config") or {}
     return int(qcfg.get("group_size") or 128)
+
+
+def packed_weight_names(names) -> dict[str, str]:
+    """{`X.weight`: `X.qweight`} for every packed linear among tensor names: what a reader that wants
+    plain weights reads instead (its `X.qzeros` and `X.scales` are consumed with it)."""
+    return {n.removesuffix(QWEIGHT) + "weight": n for n in names if is_packed(n)}
+
+
+def is_packed_part(name: str, names) -> bool:
+    """True for `X.qweight`, `X.qzeros` and `X.scales` of a packed linear (`X.qweight` in `names`)."""
+    stem, _, part = name.rpartition(".")
+    return part in (QWEIGHT, QZEROS, SCALES) and f"{stem}.{QWEIGHT}" in names
+
+
+def read_packed_weight(ckpt, weight_name: str, dtype: torch.dtype = torch.float32,
+                       device: torch.device | str | None = None) -> torch.Tensor:
+    """The dequantised weight [out, in] of packed linear `X` given `X.weight`; the packed tensors are
+    moved to `device` (the compute device) before dequantising, like FP8 blocks."""
+    stem = weight_name.removesuffix("weight")
+    parts = [ckpt.read(stem + p) for p in (QWEIGHT, QZEROS, SCALES)]
+    if device is not None:
+        parts = [p.to(device) for p in parts]
+    return dequantize_w4a16(*parts, group_size_of(ckpt.config), dtype)
