@@ -654,18 +654,24 @@ def mode_sweep(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def mode_bench24(args: argparse.Namespace, argv: list[str]) -> None:
-    sys.path.insert(0, str(REPO / "tools"))
-    sys.path.insert(0, str(REPO))
-    import bench_calibrate
-
     directory = args.model or CACHE / f"calib-{args.layers}x{args.experts}"
     model = directory / "model"
-    ns = argparse.Namespace(hidden=640, intermediate=384, layers=args.layers, experts=args.experts)
-    bench_calibrate.build(model, ns)  # the benchmark's own builder: same checkpoint as docs/benchmarks-calibrate
-    if not (model / "tokenizer.json").is_file():  # the builder writes none; `surgery calibrate` needs one
-        from surgery.synth import make_tokenizer
-
-        make_tokenizer(model, vocab_size=4096)
+    # tools/bench_calibrate.py's own builder (the checkpoint of docs/benchmarks-calibrate.md), in a child:
+    # it imports torch, and a measuring process that holds torch inflates its children's ru_maxrss (the
+    # kernel counts a child's pre-exec copy of the parent)
+    build = (
+        "import argparse, sys\n"
+        "from pathlib import Path\n"
+        f"sys.path[:0] = [{str(REPO / 'tools')!r}, {str(REPO)!r}]\n"
+        "import bench_calibrate\n"
+        f"model = Path({str(model)!r})\n"
+        f"bench_calibrate.build(model, argparse.Namespace(hidden=640, intermediate=384, layers={args.layers}, "
+        f"experts={args.experts}))\n"
+        "if not (model / 'tokenizer.json').is_file():  # the builder writes none; `surgery calibrate` needs one\n"
+        "    from surgery.synth import make_tokenizer\n"
+        "    make_tokenizer(model, vocab_size=4096)\n"
+    )
+    subprocess.run([sys.executable, "-c", build], check=True, cwd=REPO)
     print(f"bench24: {model}", flush=True)
     runs = calibrate_runs(model, args, args.section)
     title = f"{args.layers} layers × {args.experts} experts (bf16, bench_calibrate's checkpoint): peak vs budget"

@@ -233,17 +233,23 @@ def main() -> int:
         CLI[:] = shlex.split(args.surgery)
     bp.SURGERY[:] = CLI
 
-    import torch
-
+    # asked in a child: this process measures its children and stays light (no torch, no CUDA context)
+    probe = subprocess.run([sys.executable, "-c", "import json, torch; c = torch.cuda.is_available(); print(json.dumps("
+                            "[torch.__version__, torch.version.cuda, [torch.cuda.get_device_name(i) for i in "
+                            "range(torch.cuda.device_count())] if c else []]))"], capture_output=True, text=True)
+    if probe.returncode:
+        print("gpu-check: torch cannot be imported: " + (probe.stderr.strip().splitlines() or ["?"])[-1])
+        return 1
+    torch_version, cuda_version, devices = json.loads(probe.stdout)
     if args.simulate_on_cpu:
         gpus, names = args.gpus or 1, "none (--simulate-on-cpu: 'cuda' runs are CPU runs)"
-    elif not torch.cuda.is_available():
-        print(f"gpu-check: torch {torch.__version__} sees no CUDA device; nothing to check")
+    elif not devices:
+        print(f"gpu-check: torch {torch_version} sees no CUDA device; nothing to check")
         return 2
     else:
-        gpus = args.gpus or torch.cuda.device_count()
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(gpus))
-    print(f"gpu-check: {gpus} GPU(s): {names}; torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
+        gpus = min(args.gpus or len(devices), len(devices))
+        names = ", ".join(devices[:gpus])
+    print(f"gpu-check: {gpus} GPU(s): {names}; torch {torch_version} (CUDA {cuda_version})", flush=True)
     WORK.mkdir(parents=True, exist_ok=True)
     model = WORK / f"m2-{args.layers}x{args.experts}-fp8"
     t0 = time.perf_counter()
