@@ -74,8 +74,9 @@ def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOpt
             f"[dim]routed experts: read {summary['read_s']:.1f} s, to device {summary['transfer_s']:.1f} s, "
             f"dequantise {summary['dequant_s']:.1f} s, compute {summary['compute_s']:.1f} s; layers computed in "
             f"{summary['layer_compute_s']:.1f} s (waiting {summary['load_wait_s']:.1f} s for resident parts); "
-            f"memory budget {summary['memory_budget_mb']:.0f} MB ({'given' if summary['memory_budget_given'] else 'auto'}"
-            f"), peak anonymous {summary['peak_anon_mb']:.0f} MB; experts per chunk "
+            f"memory budget {summary['memory_budget_mb']:.0f} MB "
+            f"({'given' if summary['memory_budget_given'] else 'auto'}), "
+            f"peak anonymous {summary['peak_anon_mb']:.0f} MB; experts per chunk "
             f"{sorted(set(summary['experts_per_chunk'].values())) or '-'}[/dim]")
     else:
         console.print(f"calibration already complete: {work / 'saliency.json'}")

@@ -175,6 +175,9 @@ def read_shard_header(path: Path, name: str | None = None,
     return shard
 
 
+PAGE = 4096  # O_DIRECT alignment
+
+
 class Checkpoint:
     """A checkpoint directory, known from its index and shard headers; tensors are read on demand.
 
@@ -296,6 +299,52 @@ class Checkpoint:
             done += n
         return buf
 
+    def _direct_fd(self, shard: str) -> int | None:
+        """An O_DIRECT descriptor of a shard (None where the filesystem refuses it, e.g. tmpfs)."""
+        key = "\0direct\0" + shard
+        if key not in self._fds:
+            with self._fd_lock:
+                if key not in self._fds:
+                    try:
+                        self._fds[key] = os.open(self.shards[shard].path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+                    except OSError:
+                        self._fds[key] = -1
+        fd = self._fds[key]
+        return None if fd < 0 or not hasattr(os, "O_DIRECT") else fd
+
+    def read_range(self, shard: str, begin: int, length: int, out) -> int:
+        """Bytes [begin, begin + length) of a shard file into the page-aligned uint8 tensor `out`;
+        returns where in `out` they start.
+
+        Why by hand: large expert chunks are read with O_DIRECT (disk to our buffer by DMA, no page
+        cache copy), which on the machines we target reads at about twice the speed of a buffered cold
+        read and costs almost no CPU, which the FP8 dequantisation running beside it needs. O_DIRECT
+        wants offsets, lengths and memory aligned to pages, so the covering aligned span is read and
+        the caller takes its part; where O_DIRECT is refused the read is buffered."""
+        view = memoryview(out.numpy()).cast("B")
+        fd = self._direct_fd(shard)
+        aligned = fd is not None and out.data_ptr() % PAGE == 0
+        if aligned:
+            lo = begin - begin % PAGE
+            hi = -(-(begin + length) // PAGE) * PAGE
+            try:
+                self._pread_all(fd, view[:hi - lo], lo, shard, allow_eof=True)
+                return begin - lo
+            except OSError:
+                pass  # e.g. EINVAL on a filesystem that accepted the flag but not the request
+        self._pread_all(self._fd(shard), view[:length], begin, shard)
+        return 0
+
+    def _pread_all(self, fd: int, view: memoryview, pos: int, shard: str, allow_eof: bool = False) -> None:
+        done, length = 0, len(view)
+        while done < length:
+            n = os.preadv(fd, [view[done:]], pos + done)
+            if n <= 0:
+                if allow_eof and done:
+                    return  # the aligned span ran past the end of the file
+                raise SurgeryError("unexpected end of file reading tensor data", self.shards[shard].path)
+            done += n
+
     def read_into(self, info: TensorInfo, out, start: int = 0) -> None:
         """Read `out.numel()` bytes of a tensor, `start` bytes into it, straight into the uint8 tensor
         `out` (a reused, possibly pinned, staging buffer): no allocation, no copy."""
@@ -341,7 +390,8 @@ class Checkpoint:
 
     def close(self) -> None:
         for fd in self._fds.values():
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
 
     def __enter__(self) -> Checkpoint:

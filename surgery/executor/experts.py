@@ -34,8 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size
+from surgery.checkpoint.reader import PAGE
 from surgery.errors import SurgeryError
 
+GAP = 1 << 20  # bytes between two tensors below which one read covers both
 
 # ---------------------------------------------------------------------------------------------- layout
 @dataclass(frozen=True)
@@ -136,25 +138,57 @@ class ExpertStore:
         return sum(item * _numel(p.shape) for p in self.params)
 
     # ---------------------------------------------------------------- read (background thread)
-    def read(self, ids: Sequence[int], staging: Staging) -> RawChunk:
-        """The bytes of experts `ids` as stored, read into `staging` (no conversion, no copy)."""
-        t0 = time.perf_counter()
-        views: dict[str, list[list[tuple[Piece, torch.Tensor, torch.Tensor | None]]]] = {}
-        pieces = sum(len(p.pieces[e]) for p in self.params for e in ids)
-        buf = staging.take(sum(self.raw_bytes(e) for e in ids) + 2 * 64 * pieces)  # each piece 64-byte aligned
-        offset = 0
+    def _spans(self, ids: Sequence[int]) -> list[tuple[str, int, int, list[tuple]]]:
+        """The stored bytes of experts `ids`, as few large reads as possible: each tensor's byte range
+        (or a fused tensor's expert rows), sorted by file position and merged across gaps below
+        `GAP`, with the tensors each read holds."""
+        wanted = []
         for p in self.params:
-            per = []
-            for e in ids:
-                parts = []
-                for piece in p.pieces[e]:
-                    w, offset = _read_into(self.ckpt, piece.name, buf, offset, piece.rows)
-                    s = None
+            for i, e in enumerate(ids):
+                for k, piece in enumerate(p.pieces[e]):
+                    info = self.ckpt.info(piece.name)
+                    if piece.rows:
+                        row = info.nbytes // info.shape[0]
+                        n = piece.rows[1] - piece.rows[0]
+                        wanted.append((info.shard, info.begin + piece.rows[0] * row, n * row,
+                                       (p.name, i, k, "w"), info.torch_dtype, (n, *info.shape[1:])))
+                    else:
+                        wanted.append((info.shard, info.begin, info.nbytes, (p.name, i, k, "w"), info.torch_dtype,
+                                       info.shape))
                     if piece.scale:
-                        s, offset = _read_into(self.ckpt, piece.scale, buf, offset, None)
-                    parts.append((piece, w, s))
-                per.append(parts)
-            views[p.name] = per
+                        sinfo = self.ckpt.info(piece.scale)
+                        wanted.append((sinfo.shard, sinfo.begin, sinfo.nbytes, (p.name, i, k, "s"),
+                                       sinfo.torch_dtype, sinfo.shape))
+        wanted.sort(key=lambda w: (w[0], w[1]))
+        spans: list[tuple[str, int, int, list[tuple]]] = []
+        for w in wanted:
+            if spans and spans[-1][0] == w[0] and w[1] - spans[-1][2] <= GAP:
+                shard, begin, end, members = spans[-1]
+                spans[-1] = (shard, begin, max(end, w[1] + w[2]), [*members, w])
+            else:
+                spans.append((w[0], w[1], w[1] + w[2], [w]))
+        return spans
+
+    def read(self, ids: Sequence[int], staging: _Half) -> RawChunk:
+        """The bytes of experts `ids` as stored, read into `staging` (no conversion, no copy): large
+        sequential reads (O_DIRECT where the filesystem allows it) of the merged byte spans."""
+        t0 = time.perf_counter()
+        spans = self._spans(ids)
+        buf = staging.take(sum(end - begin + 2 * PAGE for _, begin, end, _m in spans))
+        parts: dict[tuple, torch.Tensor] = {}
+        offset = 0
+        for shard, begin, end, members in spans:
+            start = offset + self.ckpt.read_range(shard, begin, end - begin, buf[offset:])
+            for _shard, t_begin, length, key, dtype, shape in members:
+                at = start + t_begin - begin
+                raw = buf[at:at + length]
+                if at % torch.empty((), dtype=dtype).element_size():
+                    raw = raw.clone()  # not aligned for its dtype (odd offsets in the file): copy it
+                parts[key] = raw.view(dtype).reshape(shape)
+            offset = -(-(start + end - begin) // PAGE) * PAGE
+        views = {p.name: [[(piece, parts[(p.name, i, k, "w")], parts.get((p.name, i, k, "s")))
+                           for k, piece in enumerate(p.pieces[e])] for i, e in enumerate(ids)]
+                 for p in self.params}
         self.timings["read"] += time.perf_counter() - t0
         return RawChunk(list(ids), views)
 
@@ -244,21 +278,6 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
-def _read_into(ckpt, name: str, buf: torch.Tensor, offset: int,
-               rows: tuple[int, int] | None) -> tuple[torch.Tensor, int]:
-    """Read tensor `name` (or its rows) into `buf[offset:]` (64-byte aligned); returns its typed view."""
-    info = ckpt.info(name)
-    offset = (offset + 63) & ~63
-    if rows is None:
-        start, length, shape = 0, info.nbytes, info.shape
-    else:
-        row_bytes, n = info.nbytes // info.shape[0], rows[1] - rows[0]
-        start, length, shape = rows[0] * row_bytes, n * row_bytes, (n, *info.shape[1:])
-    region = buf[offset:offset + length]
-    ckpt.read_into(info, region, start)
-    return region.view(info.torch_dtype).reshape(shape), offset + length
-
-
 class Staging:
     """Reusable host buffers for raw chunk bytes: two halves (the chunk being built and the one being
     read ahead), each grown only when a larger chunk needs it, pinned on CUDA so host->device copies
@@ -281,9 +300,11 @@ class _Half:
         self.buf: torch.Tensor | None = None
 
     def take(self, nbytes: int) -> torch.Tensor:
+        """At least `nbytes`, page aligned (O_DIRECT reads land in it)."""
         if self.buf is None or self.buf.numel() < nbytes:
             self.buf = None
-            self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            raw = torch.empty(nbytes + PAGE, dtype=torch.uint8, pin_memory=self.pinned)
+            self.buf = raw[(-raw.data_ptr()) % PAGE:][:nbytes]
         return self.buf
 
     def nbytes(self) -> int:
