@@ -1,4 +1,5 @@
-"""`verify`: structure against config.json, from headers; one-line errors for each kind of damage."""
+"""`verify`: structure against config.json (headers) and copied bytes against the rewrite's tensor manifest;
+one-line errors for each kind of damage."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`surgery verify OUT`: the checkpoint's tensors and expert counts agree with its config.json."""
+"""`surgery verify OUT`: the checkpoint's tensors and expert counts agree with its config.json and, for a
+rewrite's output, its tensors with the input's (`OUT/surgery.tensors.json`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ def verify_cmd(
     out: Path = typer.Argument(..., help="Checkpoint directory to check (e.g. a rewrite's OUT)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Headers only: every indexed tensor present with its dtype and shape, experts 0..n-1 in every MoE
-    layer, router rows and biases == n, no tensor of a dropped expert. Exit 2 with one line if not."""
+    """Every indexed tensor present with its dtype and shape, experts 0..n-1 in every MoE layer, router rows
+    and biases == n, no tensor of a dropped expert (from headers); then, when OUT/surgery.tensors.json
+    exists (a rewrite's output), every kept tensor present and every copied one holding the input's bytes
+    (SHA-256; reads the output's data once). Exit 2 with one line if not."""
     info = verify_checkpoint(out)
     if as_json:
         print(json.dumps(info, indent=2))
