@@ -127,6 +127,22 @@ def test_model_card(fp8, tiny_checkpoint, tmp_path):
     assert ("fp8" in card) == fp8
 
 
+def test_model_card_merge(tiny_checkpoint, tmp_path):
+    """A `--method merge` checkpoint is described as expert merging, not as pruning."""
+    from surgery.plan.merge import outputs_loader
+
+    model_dir = tiny_checkpoint("minimax_m2")
+    work = tmp_path / "w"
+    saliency = calibrated(model_dir, work)
+    with Checkpoint(model_dir) as ckpt:
+        plan = make_plan(saliency, MoEModel(ckpt), "merge", 0.5, outputs=outputs_loader(work))
+    card = write_model_card(tmp_path / "merged", model_dir, plan, saliency, "surgery prune --method merge").read_text()
+    assert "- expert-merging" in card and "expert pruning" not in card and "expert-pruning" not in card
+    assert "by expert merging: the experts REAP (router-weighted expert activation) ranks highest are kept" in card
+    assert "routed-frequency-weighted average" in card
+    assert "| Merging | 50% of routed experts removed (folded into kept experts), method `merge` |" in card
+
+
 def test_base_model_id(tmp_path):
     snap = tmp_path / "hub" / "models--MiniMaxAI--MiniMax-M2.1" / "snapshots" / "abc123"
     snap.mkdir(parents=True)

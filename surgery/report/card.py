@@ -116,6 +116,16 @@ def _calibration_lines(saliency: dict, calibration: dict | None) -> list[str]:
     return lines
 
 
+def _made_by(method: str, plan: dict) -> str:
+    """How the experts were removed, for the card's first sentence (which ends "One-shot, no fine-tuning.")."""
+    if method == "merge":
+        rank = (plan.get("merge") or {}).get("saliency", "reap")
+        return (f"expert merging: the experts {METHOD_NAMES.get(rank, rank)} ranks highest are kept, and each "
+                "dropped expert that calibration routed tokens to is folded into its most similar kept expert as a "
+                "routed-frequency-weighted average of their weights.")
+    return f"{METHOD_NAMES.get(method, method)} expert pruning."
+
+
 def write_model_card(out_dir: str | Path, source_dir: str | Path, plan: dict, saliency: dict, command: str,
                      eval: dict | None = None, *, calibration: dict | None = None) -> Path:
     """Write OUT/README.md for the checkpoint `plan` made from `source_dir`; returns its path.
@@ -145,16 +155,18 @@ def write_model_card(out_dir: str | Path, source_dir: str | Path, plan: dict, sa
     load_extra = ", trust_remote_code=True" if remote else ""
     front = [f"base_model: {base}"] if "/" in base else []  # the hub checks it names a hub model
     lines = ["---", *front, "library_name: transformers",
-             "tags:", "- mixture-of-experts", "- expert-pruning", f"- {method}", "---", "",
+             "tags:", "- mixture-of-experts", "- expert-merging" if method == "merge" else "- expert-pruning",
+             f"- {method}", "---", "",
              f"# {name}", "",
              f"{pct} of the routed experts of **{base}** removed in every MoE layer by "
-             f"{METHOD_NAMES.get(method, method)} expert pruning: one-shot, no fine-tuning. "
+             f"{_made_by(method, plan)} One-shot, no fine-tuning. "
              f"Made with surgery {surgery.__version__} "
              "([REAP the Experts](https://arxiv.org/abs/2510.13999)).", "",
              "## Model specifications", "", "| Property | Value |", "|---|---|",
              f"| Base model | {base} |",
              f"| Architecture | {arch} |",
-             f"| Pruning | {pct} of routed experts removed, method `{method}`"
+             f"| {'Merging' if method == 'merge' else 'Pruning'} | {pct} of routed experts removed"
+             + (" (folded into kept experts)" if method == "merge" else "") + f", method `{method}`"
              + (f" (seed {plan['seed']})" if "seed" in plan else "") + " |",
              f"| Experts per MoE layer | {num} → {after} (top-k {top_k}, unchanged) |",
              f"| MoE layers | {len(moe)} of {n_layers} decoder layers |",
@@ -172,7 +184,9 @@ def write_model_card(out_dir: str | Path, source_dir: str | Path, plan: dict, sa
     for layer, entry in sorted(plan["layers"].items(), key=lambda kv: int(kv[0])):
         lines.append(f"| {layer} | {layer_ranges(sorted(entry.get('drop', []))) or '-'} |")
     lines += ["", "</details>", "",
-              "Kept experts keep their original order and are renumbered 0..n-1; routers keep their rows.", "",
+              "Kept experts keep their original order and are renumbered 0..n-1; routers keep their rows."
+              + (" A kept expert with a merge group holds the group's frequency-weighted average."
+                 if method == "merge" else ""), "",
               "## Usage", "", "### transformers", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{out_dir}", dtype="auto", device_map="auto"{load_extra})',
