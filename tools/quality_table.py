@@ -347,12 +347,16 @@ def _variants_section(results: dict, details: dict) -> list[str]:
                         "one costs another expert REAP ranked higher)."))
     if merge_wins * 2 > pairs:
         verdict_m = (f"Merging beats pruning on mean loss in {merge_wins} of {pairs} cases ({merge_domain_wins} of "
-                     f"{3 * pairs} domain cells): folding the dropped experts in keeps some of what they did.")
+                     f"{3 * pairs} domain cells); a plausible reason, not tested here, is that folding the dropped "
+                     "experts in keeps some of what they did.")
     else:
         verdict_m = (f"Merging does not beat plain pruning: lower mean loss in only {merge_wins} of {pairs} cases "
-                     f"({merge_domain_wins} of {3 * pairs} domain cells). Averaging weights of experts that were "
-                     "trained apart blurs the kept expert (their hidden units are not aligned, so the average is "
-                     "not an average of functions), which is the REAP paper's finding for generative loss too.")
+                     f"({merge_domain_wins} of {3 * pairs} domain cells). Why is not measured here. One hypothesis: "
+                     "experts trained apart need not have aligned hidden units, so averaging their weights need not "
+                     "average their functions and may blur the kept expert (untested: no permutation alignment was "
+                     "tried). The REAP paper also finds pruning ahead of merging on generative tasks, and explains it "
+                     "differently: merging takes away the router's independent, input-dependent control of the "
+                     "merged experts.")
     lines += [verdict_p, "", verdict_m]
     return lines
 
