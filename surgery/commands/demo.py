@@ -20,13 +20,14 @@ from surgery.pipeline import DataOptions, console, prune
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("demo"), "--out", "-o", help="Folder for the demo model, work and output."),
-    ratio: float = typer.Option(0.5, "--ratio"),
-    method: str = typer.Option("reap", "--method"),
+    ratio: float = typer.Option(0.5, "--ratio", help="Fraction of experts to drop per layer."),
+    method: str = typer.Option("reap", "--method", help="reap, frequency, ean, weighted_frequency, random or merge."),
     samples: int = typer.Option(16, "--samples", help="Documents per built-in category."),
-    max_length: int = typer.Option(256, "--max-length"),
+    max_length: int = typer.Option(256, "--max-length", help="Tokens per sequence."),
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
-    """Prune a built-in MiniMax-M2-layout model end to end, offline, and generate from the result."""
+    """Prune a built-in MiniMax-M2-layout model end to end (calibrate, plan, rewrite, verify), offline, and
+    generate from the result."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -35,7 +35,8 @@ def parse_list(text: str, what: str, cast=str) -> list:
 def fidelity_cmd(
     work: Path = typer.Argument(..., help="Work directory of a finished `surgery calibrate`."),
     ratios: str = typer.Option("0.25,0.5", "--ratios", help="Comma-separated pruning ratios."),
-    methods: str = typer.Option("reap,frequency,ean,random", "--methods", help="Comma-separated methods."),
+    methods: str = typer.Option("reap,frequency,ean,random", "--methods",
+                                help="Comma-separated methods (reap, frequency, ean, weighted_frequency, random)."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint (default: saliency.json's model_path)."),
     seed: int = typer.Option(0, "--seed", help="Seed for --methods random."),
     device: str = o.DEVICE,

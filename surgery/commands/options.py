@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 DATASET = typer.Option([], "--dataset", "-d", help="Calibration data SPEC (repeatable); none = built-in default.")
-SAMPLES = typer.Option(64, "--samples", help="Documents per dataset.")
+SAMPLES = typer.Option(64, "--samples", help="Documents per dataset (with --pack: rows of --max-length tokens).")
 MAX_LENGTH = typer.Option(512, "--max-length", help="Tokens per sequence (truncation).")
 BATCH_SIZE = typer.Option(8, "--batch-size", help="Sequences per forward batch.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")

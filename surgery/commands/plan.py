@@ -66,7 +66,8 @@ def plan_cmd(
     keep: int | None = typer.Option(None, "--keep", help="Exact number of experts kept per MoE layer "
                                                          "(instead of --ratio)."),
     multiple_of: int | None = typer.Option(None, "--multiple-of", help="Round the kept count down to a multiple "
-                                                                       "of M (and of n_group), never below top-k."),
+                                                                       "of M (and of n_group); refused if that "
+                                                                       "leaves fewer than top-k."),
     protect: str | None = typer.Option(None, "--protect", help=PROTECT_HELP),
     merge_saliency: str = typer.Option("reap", "--merge-saliency",
                                        help=f"--method merge: saliency choosing the kept experts "
@@ -79,7 +80,9 @@ def plan_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the summary; write no file."),
     model: str | None = typer.Option(None, "--model", help="Checkpoint (default: saliency.json's model_path)."),
 ) -> None:
-    """Keep the most salient experts of every MoE layer (E - floor(E * ratio), or --keep N); write PLAN.json."""
+    """Keep the most salient experts of every MoE layer (E - floor(E * ratio), or --keep N, rounded down by
+    --multiple-of; --method merge folds the dropped ones into kept ones); write the plan (default
+    WORK/plan.json)."""
     console = Console(soft_wrap=True)
     if protect is not None and protect not in MODES:
         raise SurgeryError(f"unknown --protect {protect!r}; choose one of {', '.join(MODES)}")

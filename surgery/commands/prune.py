@@ -18,32 +18,44 @@ def prune_cmd(
     model: str = typer.Argument(..., help="Checkpoint directory or hub id."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint directory."),
     work: Path | None = typer.Option(None, "--work", "-w", help="Work directory (default: OUT.work beside OUT)."),
-    recipe: Path | None = typer.Option(None, "--recipe", help="TOML recipe: datasets, samples, length, method, ratio."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="TOML recipe, a file or a shipped name (e.g. "
+                                       "reap-code-tools-agentic): datasets, samples, length, method, ratio."),
     method: str | None = typer.Option(None, "--method",
-                                      help="reap (default), frequency, ean, weighted_frequency, random, merge."),
-    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (default 0.5)."),
+                                      help="reap, frequency, ean, weighted_frequency, random or merge (fold the "
+                                           "dropped experts into kept ones); default: the recipe's, else reap."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of experts to drop per layer (default: the "
+                                                             "recipe's, else 0.5)."),
     keep: int | None = typer.Option(None, "--keep", help="Exact number of experts kept per layer (not with --ratio)."),
     multiple_of: int | None = typer.Option(None, "--multiple-of",
-                                           help="Round the kept count down to a multiple of M, never below top-k."),
-    protect: str | None = typer.Option(None, "--protect", help="super or outliers: never prune super experts."),
-    merge_saliency: str = typer.Option("reap", "--merge-saliency", help="--method merge: saliency choosing the kept."),
+                                           help="Round the kept count down to a multiple of M (and of n_group); "
+                                                "refused if that leaves fewer than top-k."),
+    protect: str | None = typer.Option(None, "--protect", help="Never prune super experts: super (in the first 75% "
+                                       "of MoE layers) or outliers (in all); see `surgery plan --help`."),
+    merge_saliency: str = typer.Option("reap", "--merge-saliency",
+                                       help="--method merge: saliency choosing the kept experts."),
     dataset: list[str] = o.DATASET,
-    samples: int | None = typer.Option(None, "--samples", help="Documents per dataset (default 64)."),
-    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default 512)."),
+    samples: int | None = typer.Option(None, "--samples", help="Documents per dataset, with --pack rows "
+                                                               "(default: the recipe's, else 64)."),
+    max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the recipe's, "
+                                                                     "else 512)."),
     batch_size: int = o.BATCH_SIZE,
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
-    seed: int | None = typer.Option(None, "--seed", help="Sampling seed (default 42)."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling seed, also --method random's (default: the "
+                                                         "recipe's, else 42)."),
     pack: bool = o.PACK,
-    drop_mtp: bool = typer.Option(False, "--drop-mtp", help="Remove multi-token-prediction layers."),
+    drop_mtp: bool = typer.Option(False, "--drop-mtp",
+                                  help="Remove multi-token-prediction layers (and set the config's MTP count to 0)."),
     routing: str = o.ROUTING,
     memory_budget: str | None = o.MEMORY_BUDGET,
     quantize_scheme: str | None = typer.Option(None, "--quantize", help="Then quantize the pruned model: w4a16 "
                                                "(OUT is W4A16; the pruned checkpoint stays in WORK/pruned)."),
-    quantize_method: str = typer.Option("rtn", "--quantize-method", help="rtn or gptq (on the same data)."),
+    quantize_method: str = typer.Option("rtn", "--quantize-method",
+                                        help="rtn or gptq (calibrated on the same data as the pruning)."),
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
-    """Calibrate, plan and rewrite in one command; each stage is skipped when already complete."""
+    """Calibrate, plan, rewrite, verify and write a model card (OUT/README.md) in one command, then quantize
+    with --quantize; each stage is skipped when already complete, so run it again to resume."""
     data = DataOptions(list(dataset), 64, 512, 42, pack)
     chosen_method, chosen_ratio = "reap", 0.5
     if recipe is not None:

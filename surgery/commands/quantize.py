@@ -35,7 +35,8 @@ def quantize_cmd(
     method: str = typer.Option("rtn", "--method", help="rtn (AutoRound's RTN, bit for bit) or gptq (calibrated)."),
     group_size: int = typer.Option(128, "--group-size", help="Inputs per scale group."),
     quantize_dense: bool = typer.Option(False, "--quantize-dense", help="Also quantize dense layers' MLPs."),
-    work: Path | None = typer.Option(None, "--work", "-w", help="GPTQ work directory (default: OUT.quant-work)."),
+    work: Path | None = typer.Option(None, "--work", "-w", help="GPTQ work directory (default: OUT.quant-work beside "
+                                                                    "OUT)."),
     dataset: list[str] = o.DATASET,
     samples: int = o.SAMPLES,
     max_length: int = o.MAX_LENGTH,
@@ -46,7 +47,9 @@ def quantize_cmd(
     pack: bool = o.PACK,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
-    """Quantize MODEL's attention and expert weights to 4 bits (W4A16) into OUT. Run again to resume."""
+    """Quantize MODEL's attention and expert weights (routed and shared; dense MLPs with --quantize-dense) to
+    4 bits (W4A16, AutoRound's auto_gptq packing) into OUT. rtn reads no data; gptq calibrates on --dataset.
+    Run again to resume."""
     check_quant_options(scheme, method, group_size)
     from surgery.pipeline import DataOptions
     from surgery.quant.pipeline import quantize

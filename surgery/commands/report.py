@@ -16,8 +16,8 @@ def report_cmd(
     plan: Path | None = typer.Option(None, "--plan",
                                      help="Plan to show (default WORK/plan.json, or the one WORK/plan-*.json)."),
 ) -> None:
-    """Per-layer kept and dropped experts, saliency distributions, fidelity and evaluation figures, with a
-    saliency heatmap and fidelity curves (PNG)."""
+    """Write WORK/report.md and WORK/report.json: per-layer kept and dropped experts, saliency distributions,
+    fidelity and evaluation figures, with a saliency heatmap and fidelity curves (PNG)."""
     from surgery.report.report import build_report
 
     report = build_report(work, plan)
