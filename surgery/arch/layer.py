@@ -2,9 +2,11 @@
 
 The whole model is instantiated once on the meta device (no memory), so every layer is exactly the
 class, attention, rotary and norm code transformers uses for the family. For layer l we read only
-that layer's tensors, dequantise FP8 blocks, fuse the hub's per-expert tensors into transformers 5's
-`[E, ...]` parameters, and assign them with `load_state_dict(strict=True, assign=True)`; afterwards
-the layer goes back to the meta device, so only one layer is ever resident.
+that layer's tensors, dequantise FP8 blocks and W4A16 packed linears (`X.qweight/qzeros/scales`, read
+as stored and decoded on the compute device, so transformers' plain `nn.Linear` gets a `weight`),
+fuse the hub's per-expert tensors into transformers 5's `[E, ...]` parameters, and assign them with
+`load_state_dict(strict=True, assign=True)`; afterwards the layer goes back to the meta device, so
+only one layer is ever resident.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size, dequantize
+from surgery.checkpoint.w4a16 import QWEIGHT, check_readable, is_packed_part, logical_shape, read_packed_weight
 from surgery.errors import SurgeryError
 
 
@@ -30,6 +33,8 @@ class LayerFactory:
 
         self.model = model
         self.dtype = dtype
+        if any(n.endswith("." + QWEIGHT) for n in model.ckpt.tensors):
+            check_readable(model.ckpt.config, model.ckpt.directory)
         self.device = device
         config = model.hf_config
         if attn_implementation:
@@ -56,8 +61,9 @@ class LayerFactory:
 
     def read_state_dict(self, layer: int, exclude: tuple[str, ...] = (),
                         only: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """The layer's tensors under their in-memory names, FP8 dequantised, experts fused (tensors
-        whose layer-relative name starts with one of `exclude` are left out; with `only`, just those)."""
+        """The layer's tensors under their in-memory names, FP8 and W4A16 dequantised (a packed `X.qweight`
+        becomes `X.weight`), experts fused (tensors whose layer-relative name starts with one of `exclude`
+        are left out; with `only`, just those)."""
         model, spec, ckpt = self.model, self.model.spec, self.model.ckpt
         prefix = model.layer_prefix(layer)
         names = [t.name for t in model.layer_tensors(layer)
@@ -69,12 +75,13 @@ class LayerFactory:
         experts: dict[int, dict[str, str]] = defaultdict(dict)  # expert -> role -> tensor name
         role_of = {proj: role for role, proj in spec.projections.items()}
         for name in names:
-            if name.endswith(SCALE_SUFFIX):
-                continue  # consumed with its weight
+            if name.endswith(SCALE_SUFFIX) or (is_packed_part(name, present) and not name.endswith(QWEIGHT)):
+                continue  # consumed with its weight (FP8 scale; W4A16 qzeros/scales/g_idx)
             role = model.classify(name)
             if role.kind == "expert":
-                proj = role.rest.removesuffix(".weight")
-                if proj not in role_of or not role.rest.endswith(".weight"):
+                suffix = ".qweight" if role.rest.endswith(".qweight") else ".weight"
+                proj = role.rest.removesuffix(suffix)
+                if proj not in role_of or not role.rest.endswith(suffix):
                     raise SurgeryError(f"unexpected expert tensor {name!r} for family {spec.family}",
                                        ckpt.directory)
                 experts[role.expert][role_of[proj]] = name
@@ -82,7 +89,7 @@ class LayerFactory:
             tensor = self._read(name, present)
             if tensor.is_floating_point() and name not in router_biases:
                 tensor = tensor.to(self.dtype)
-            state[self._to_memory_key(name[len(prefix):])] = tensor
+            state[self._to_memory_key(_weight_name(name)[len(prefix):])] = tensor
         if experts:
             moe = spec.moe_module + ".experts."
             ids = sorted(experts)
@@ -93,8 +100,13 @@ class LayerFactory:
         return state
 
     def _read(self, name: str, present: set[str]) -> torch.Tensor:
-        """One tensor as stored, FP8 block-scaled weights dequantised (float32)."""
+        """One tensor as stored, FP8 block-scaled weights dequantised (float32); a W4A16 `X.qweight` is
+        read with its qzeros and scales as stored, moved to the compute device and decoded there in the
+        compute dtype (the packed bytes are a quarter of bf16's, and decoding where the weight is used
+        keeps the host out of it), bit for bit `dequantize_w4a16`."""
         ckpt = self.model.ckpt
+        if name.endswith("." + QWEIGHT):
+            return read_packed_weight(ckpt, _weight_name(name), self.dtype, self.device)
         tensor = ckpt.read(name)
         scale_name = name.removesuffix("weight") + SCALE_SUFFIX
         if name.endswith("weight") and scale_name in present:
@@ -107,7 +119,7 @@ class LayerFactory:
         """Stack the per-expert tensors of `roles` (concatenated on dim 0) into one [E, ...] tensor,
         filled in place one expert at a time, so a layer's experts are never held twice."""
         ckpt = self.model.ckpt
-        shapes = [ckpt.info(experts[ids[0]][r]).shape for r in roles]
+        shapes = [_stored_shape(ckpt, experts[ids[0]][r]) for r in roles]
         rows = sum(s[0] for s in shapes)
         fused = torch.empty((len(ids), rows, *shapes[0][1:]), dtype=self.dtype)
         for e in ids:
@@ -124,17 +136,28 @@ class LayerFactory:
         t0 = time.perf_counter()
         state = self.read_state_dict(layer, exclude=(self.expert_prefix,))
         if self.device.type == "cuda":  # pinned host memory: the host->GPU copy can run asynchronously
-            state = {k: v.pin_memory() for k, v in state.items()}
+            # (W4A16 weights are already on the device, decoded there)
+            state = {k: v.pin_memory() if v.device.type == "cpu" else v for k, v in state.items()}
         self.timings["read"] += time.perf_counter() - t0
         return state
 
     def resident_bytes(self, layer: int) -> int:
-        """Bytes of a layer's resident part in the compute dtype (headers only)."""
+        """Bytes of a layer's resident part in the compute dtype (headers only); a W4A16 linear counts as
+        the plain weight it is decoded into, not its packed bytes."""
         item = torch.empty((), dtype=self.dtype).element_size()
         prefix = self.model.layer_prefix(layer)
-        return sum(t.numel * (item if t.torch_dtype.is_floating_point else t.itemsize)
-                   for t in self.model.layer_tensors(layer)
-                   if not t.name[len(prefix):].startswith(self.expert_prefix) and not t.name.endswith(SCALE_SUFFIX))
+        tensors = self.model.layer_tensors(layer)
+        present = {t.name for t in tensors}
+        total = 0
+        for t in tensors:
+            if t.name[len(prefix):].startswith(self.expert_prefix) or t.name.endswith(SCALE_SUFFIX):
+                continue
+            if t.name.endswith("." + QWEIGHT):
+                out_f, in_f = logical_shape(t.shape)
+                total += out_f * in_f * item
+            elif not is_packed_part(t.name, present):
+                total += t.numel * (item if t.torch_dtype.is_floating_point else t.itemsize)
+        return total
 
     def expert_store(self, layer: int, module: nn.Module):
         """The layer's routed experts as an `ExpertStore`, or None for a dense layer."""
@@ -213,3 +236,13 @@ class LayerFactory:
         if block is not None and hasattr(block, "experts") and hasattr(block, self.model.spec.router_module):
             return block
         return None
+
+
+def _weight_name(name: str) -> str:
+    """`X.weight` for a packed `X.qweight` (the name transformers' module and the table know), else `name`."""
+    return name.removesuffix(QWEIGHT) + "weight" if name.endswith("." + QWEIGHT) else name
+
+
+def _stored_shape(ckpt, name: str) -> tuple[int, ...]:
+    """The [out, in] a tensor holds once read: a packed qweight's logical weight, else its shape."""
+    return logical_shape(ckpt.info(name).shape) if name.endswith("." + QWEIGHT) else tuple(ckpt.info(name).shape)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-QWEIGHT, QZEROS, SCALES = "qweight", "qzeros", "scales"
+from surgery.errors import SurgeryError
+
+QWEIGHT, QZEROS, SCALES, G_IDX = "qweight", "qzeros", "scales", "g_idx"
 BITS = 4
 PACK = 32 // BITS
 
@@ -32,10 +34,51 @@ def dequantize_w4a16(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     q = _nibbles(qweight, 0).to(torch.float32)  # [in, out]
     zeros = _nibbles(qzeros, 1).to(torch.float32) + 1  # [groups, out]
     in_f = q.shape[0]
-    block = group_size if in_f > group_size else in_f
+    block = group_block(group_size, in_f)
     s = scales.to(torch.float32)
     w = (q - zeros.repeat_interleave(block, dim=0)[:in_f]) * s.repeat_interleave(block, dim=0)[:in_f]
     return w.t().contiguous().to(dtype)
+
+
+def dequantize_w4a16_into(dst: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                          group_size: int) -> None:
+    """dst [out, in] = scales[g, o] * (level - (zero[g, o] + 1)) for input i in group g = i // group_size,
+    in place in dst's dtype: what the expert pager decodes into its reused fused buffers. Bit for bit
+    `dequantize_w4a16` (the same float32 subtract and multiply, rounded once to dst's dtype), but the
+    nibbles are unpacked straight into dst's [out, in/8, 8] view and the groups are one broadcast over
+    an [out, groups, group_size] view (a partial last group gets the same broadcast on its strip): no
+    `repeat_interleave` copies of zeros and scales, no loop over groups, no transposed copy, and a
+    float32 dst (CPU evaluation) needs no temporary beyond the unpacked levels."""
+    out_f, in_f = dst.shape
+    if tuple(qweight.shape) != (in_f // PACK, out_f) or in_f % PACK:
+        raise SurgeryError(f"W4A16 qweight {list(qweight.shape)} does not pack a weight {[out_f, in_f]}")
+    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=qweight.device)
+    work = dst if dst.dtype == torch.float32 else torch.empty(dst.shape, dtype=torch.float32, device=dst.device)
+    levels = (qweight.t().unsqueeze(2) >> shifts).bitwise_and_(0xF)  # [out, in/8, 8]: input 8r + j
+    work.view(out_f, in_f // PACK, PACK).copy_(levels)
+    del levels
+    zeros = _nibbles(qzeros, 1)[:, :out_f].to(torch.float32).add_(1).t()  # [out, groups]
+    scale = scales.to(torch.float32).t()
+    block = group_block(group_size, in_f)
+    full = in_f // block
+    if full:
+        work[:, :full * block].view(out_f, full, block).sub_(zeros[:, :full, None]).mul_(scale[:, :full, None])
+    if full * block < in_f:
+        work[:, full * block:].sub_(zeros[:, full:full + 1]).mul_(scale[:, full:full + 1])
+    if work is not dst:
+        dst.copy_(work)
+
+
+def group_block(group_size: int, in_features: int) -> int:
+    """Inputs per group: `group_size`, or the whole row when it is shorter than one group or the
+    config says -1 (AutoRound's and GPTQ's "one group per column")."""
+    return group_size if 0 < group_size < in_features else in_features
+
+
+def logical_shape(qweight_shape) -> tuple[int, int]:
+    """The [out, in] of the weight a qweight [in / 8, out] packs: what memory budgets and fused
+    buffers are sized by (the compute dtype holds the dequantised weight, not the nibbles)."""
+    return int(qweight_shape[1]), int(qweight_shape[0]) * PACK
 
 
 def is_packed(name: str) -> bool:
@@ -48,6 +91,18 @@ def group_size_of(config: dict) -> int:
     return int(qcfg.get("group_size") or 128)
 
 
+def check_readable(config: dict, where: object = None) -> None:
+    """Refuse, in one line, packed weights whose groups are not contiguous runs of inputs: with act
+    order (`desc_act`) the `g_idx` permutation decides each input's group, and these readers (which
+    take group i // group_size, as surgery's writer and AutoRound's RTN/AutoRound flows store it)
+    would silently compute wrong weights."""
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("desc_act"):
+        raise SurgeryError("W4A16 checkpoint quantized with act order (quantization_config desc_act true): its "
+                           "g_idx permutes inputs across groups, which surgery does not read; re-export it "
+                           "with desc_act false", where)
+
+
 def packed_weight_names(names) -> dict[str, str]:
     """{`X.weight`: `X.qweight`} for every packed linear among tensor names: what a reader that wants
     plain weights reads instead (its `X.qzeros` and `X.scales` are consumed with it)."""
@@ -55,9 +110,11 @@ def packed_weight_names(names) -> dict[str, str]:
 
 
 def is_packed_part(name: str, names) -> bool:
-    """True for `X.qweight`, `X.qzeros` and `X.scales` of a packed linear (`X.qweight` in `names`)."""
+    """True for `X.qweight`, `X.qzeros`, `X.scales` and `X.g_idx` of a packed linear (`X.qweight` in
+    `names`); a reader consumes them all with the qweight (g_idx is the trivial i // group_size
+    unless act order is on, which `check_readable` refuses)."""
     stem, _, part = name.rpartition(".")
-    return part in (QWEIGHT, QZEROS, SCALES) and f"{stem}.{QWEIGHT}" in names
+    return part in (QWEIGHT, QZEROS, SCALES, G_IDX) and f"{stem}.{QWEIGHT}" in names
 
 
 def read_packed_weight(ckpt, weight_name: str, dtype: torch.dtype = torch.float32,

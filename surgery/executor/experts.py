@@ -5,12 +5,14 @@ budget`), not a decoder layer: a DeepSeek-V3 layer (34 GB in bf16) runs in a few
 the router and shared experts stay resident (`LayerFactory.load_resident`); the routed experts'
 parameters stay on the meta device and `ExpertStore` supplies them chunk by chunk:
 
-- `read(ids, staging)` reads the chunk's bytes *as stored* (FP8 weights and their float32 scales, or
-  bf16) into a reusable host staging buffer (pinned on CUDA, allocated once per shape and reused for
-  every chunk of every layer), in a background thread one chunk ahead of the compute;
+- `read(ids, staging)` reads the chunk's bytes *as stored* (FP8 weights and their float32 scales, W4A16
+  `qweight`/`qzeros`/`scales`, or bf16) into a reusable host staging buffer (pinned on CUDA, allocated
+  once per shape and reused for every chunk of every layer), in a background thread one chunk ahead of
+  the compute;
 - `materialize(raw)` moves those bytes to the compute device and dequantises them there, in the compute
   dtype, into reused `[n, ...]` buffers laid out as transformers 5 fuses them (`gate_up_proj [n, 2I, H]`,
-  `down_proj [n, H, I]`, gpt-oss biases): FP8 blocks are a broadcast multiply over a block view, not
+  `down_proj [n, H, I]`, gpt-oss biases): FP8 blocks are a broadcast multiply over a block view, W4A16
+  groups a broadcast subtract-and-multiply over a [out, groups, group_size] view, neither with
   `repeat_interleave` copies, and on the CPU `copy_`/`mul_` run multithreaded in place.
 
 `RoutedExperts` replaces the block's `experts.forward`. With every expert in one chunk it computes the
@@ -35,6 +37,7 @@ from torch import nn
 
 from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size
 from surgery.checkpoint.reader import PAGE
+from surgery.checkpoint.w4a16 import QWEIGHT, QZEROS, SCALES, dequantize_w4a16_into, group_size_of, logical_shape
 from surgery.errors import SurgeryError
 
 GAP = 1 << 20  # bytes between two tensors below which one read covers both
@@ -43,12 +46,21 @@ GAP = 1 << 20  # bytes between two tensors below which one read covers both
 @dataclass(frozen=True)
 class Piece:
     """One on-disk tensor (or rows `rows` of a fused `[E, ...]` one) that fills rows
-    [row, row + n) of an expert's in-memory parameter; `scale`: its FP8 `weight_scale_inv`."""
+    [row, row + n) of an expert's in-memory parameter; `scale`: its FP8 `weight_scale_inv`; `packed`:
+    for a W4A16 linear (`name` is then its `qweight`), its (`qzeros`, `scales`)."""
 
     name: str
     row: int
     scale: str | None = None
     rows: tuple[int, int] | None = None  # expert slice of a fused-on-disk tensor
+    packed: tuple[str, str] | None = None
+
+    def stored(self) -> tuple[tuple[str, str], ...]:
+        """(kind, tensor name) of every tensor read for this piece: "w" (the weight or qweight), then
+        "s" (FP8 scale_inv or W4A16 scales) and "z" (W4A16 qzeros)."""
+        if self.packed:
+            return ("w", self.name), ("z", self.packed[0]), ("s", self.packed[1])
+        return (("w", self.name), ("s", self.scale)) if self.scale else (("w", self.name),)
 
 
 @dataclass(frozen=True)
@@ -82,8 +94,9 @@ class ExpertStore:
         role_of = {proj: role for role, proj in spec.projections.items()}
         for info in model.layer_tensors(self.layer):
             role = model.classify(info.name)
-            if role.kind == "expert" and role.rest.endswith(".weight"):
-                proj = role.rest.removesuffix(".weight")
+            if role.kind == "expert" and role.rest.endswith((".weight", "." + QWEIGHT)):
+                # a W4A16 expert linear has no `.weight`: its qweight stands for it (qzeros/scales beside)
+                proj = role.rest.rpartition(".")[0]
                 if proj not in role_of:
                     raise SurgeryError(f"unexpected expert tensor {info.name!r} for family {spec.family}",
                                        ckpt.directory)
@@ -104,11 +117,14 @@ class ExpertStore:
                             raise SurgeryError(f"layer {self.layer} expert {e} has no {spec.projections[r]!r} "
                                                "weight", ckpt.directory)
                         name = experts[e][r]
-                        scale = name.removesuffix("weight") + SCALE_SUFFIX
-                        pieces.append(Piece(name, row, scale if scale in ckpt else None))
-                        row += ckpt.info(name).shape[0]
+                        if name.endswith("." + QWEIGHT):
+                            pieces.append(Piece(name, row, packed=self._packed_parts(name)))
+                        else:
+                            scale = name.removesuffix("weight") + SCALE_SUFFIX
+                            pieces.append(Piece(name, row, scale if scale in ckpt else None))
+                        row += self._shape(pieces[-1])[0]
                     per_expert.append(tuple(pieces))
-                first = ckpt.info(per_expert[0][0].name).shape
+                first = self._shape(per_expert[0][0])
                 out.append(ParamLayout(param, (row, *first[1:]), tuple(per_expert)))
             return out
         # experts fused on disk (gpt-oss): in-memory name = the disk name under the experts module
@@ -120,16 +136,29 @@ class ExpertStore:
                                    tuple((Piece(name, 0, None, (e, e + 1)),) for e in range(shape[0]))))
         return out
 
+    def _packed_parts(self, qweight: str) -> tuple[str, str]:
+        stem = qweight.removesuffix(QWEIGHT)
+        for part in (QZEROS, SCALES):
+            if stem + part not in self.ckpt:
+                raise SurgeryError(f"W4A16 expert tensor {qweight!r} has no {stem + part!r} beside it",
+                                   self.ckpt.directory)
+        return stem + QZEROS, stem + SCALES
+
+    def _shape(self, piece: Piece) -> tuple[int, ...]:
+        """The [out, in] the piece fills (a qweight [in/8, out] holds the weight [out, in])."""
+        shape = self.ckpt.info(piece.name).shape
+        return logical_shape(shape) if piece.packed else tuple(shape)
+
     # ---------------------------------------------------------------- sizes
     def raw_bytes(self, expert: int = 0) -> int:
-        """Bytes of one expert as stored (what staging holds)."""
+        """Bytes of one expert as stored (what staging holds): W4A16 qweight, qzeros and scales, FP8
+        weight and scales, or the plain weight."""
         total = 0
         for p in self.params:
             for piece in p.pieces[expert]:
-                info = self.ckpt.info(piece.name)
-                total += info.nbytes // info.shape[0] if piece.rows else info.nbytes
-                if piece.scale:
-                    total += self.ckpt.info(piece.scale).nbytes
+                for kind, name in piece.stored():
+                    info = self.ckpt.info(name)
+                    total += info.nbytes // info.shape[0] if piece.rows and kind == "w" else info.nbytes
         return total
 
     def compute_bytes(self) -> int:
@@ -146,19 +175,16 @@ class ExpertStore:
         for p in self.params:
             for i, e in enumerate(ids):
                 for k, piece in enumerate(p.pieces[e]):
-                    info = self.ckpt.info(piece.name)
-                    if piece.rows:
-                        row = info.nbytes // info.shape[0]
-                        n = piece.rows[1] - piece.rows[0]
-                        wanted.append((info.shard, info.begin + piece.rows[0] * row, n * row,
-                                       (p.name, i, k, "w"), info.torch_dtype, (n, *info.shape[1:])))
-                    else:
-                        wanted.append((info.shard, info.begin, info.nbytes, (p.name, i, k, "w"), info.torch_dtype,
-                                       info.shape))
-                    if piece.scale:
-                        sinfo = self.ckpt.info(piece.scale)
-                        wanted.append((sinfo.shard, sinfo.begin, sinfo.nbytes, (p.name, i, k, "s"),
-                                       sinfo.torch_dtype, sinfo.shape))
+                    for kind, name in piece.stored():
+                        info = self.ckpt.info(name)
+                        if piece.rows and kind == "w":
+                            row = info.nbytes // info.shape[0]
+                            n = piece.rows[1] - piece.rows[0]
+                            wanted.append((info.shard, info.begin + piece.rows[0] * row, n * row,
+                                           (p.name, i, k, kind), info.torch_dtype, (n, *info.shape[1:])))
+                        else:
+                            wanted.append((info.shard, info.begin, info.nbytes, (p.name, i, k, kind),
+                                           info.torch_dtype, info.shape))
         wanted.sort(key=lambda w: (w[0], w[1]))
         spans: list[tuple[str, int, int, list[tuple]]] = []
         for w in wanted:
@@ -186,7 +212,8 @@ class ExpertStore:
                     raw = raw.clone()  # not aligned for its dtype (odd offsets in the file): copy it
                 parts[key] = raw.view(dtype).reshape(shape)
             offset = -(-(start + end - begin) // PAGE) * PAGE
-        views = {p.name: [[(piece, parts[(p.name, i, k, "w")], parts.get((p.name, i, k, "s")))
+        views = {p.name: [[(piece, parts[(p.name, i, k, "w")], parts.get((p.name, i, k, "s")),
+                            parts.get((p.name, i, k, "z")))
                            for k, piece in enumerate(p.pieces[e])] for i, e in enumerate(ids)]
                  for p in self.params}
         self.timings["read"] += time.perf_counter() - t0
@@ -196,22 +223,26 @@ class ExpertStore:
     def materialize(self, raw: RawChunk, out: dict[str, torch.Tensor], first: int = 0) -> None:
         """Build the chunk's parameters into rows [first, first + n) of `out` (`[*, ...]` buffers on the
         compute device in the compute dtype): bytes moved to the device as stored, FP8 dequantised
-        there (a broadcast over 2-D blocks)."""
+        there (a broadcast over 2-D blocks), W4A16 decoded there (a broadcast over groups)."""
         cfg = self.ckpt.config
         cuda = self.device.type == "cuda"
         for p in self.params:
             dst = out[p.name]
             for i, parts in enumerate(raw.views[p.name]):
-                for piece, w, s in parts:
+                for piece, w, s, z in parts:
                     t0 = time.perf_counter()
                     w = w.to(self.device, non_blocking=True)
                     s = s.to(self.device, non_blocking=True) if s is not None else None
+                    z = z.to(self.device, non_blocking=True) if z is not None else None
                     if cuda:
                         torch.cuda.current_stream(self.device).synchronize()
                     t1 = time.perf_counter()
                     self.timings["transfer"] += t1 - t0
-                    target = dst[first + i] if piece.rows else dst[first + i, piece.row:piece.row + w.shape[0]]
-                    if s is None:
+                    rows = w.shape[1] if piece.packed else w.shape[0]
+                    target = dst[first + i] if piece.rows else dst[first + i, piece.row:piece.row + rows]
+                    if piece.packed:
+                        dequantize_w4a16_into(target, w, z, s, group_size_of(cfg))
+                    elif s is None:
                         target.copy_(w.reshape(target.shape))
                     else:
                         dequantize_into(target, w, s, block_size(cfg, tuple(w.shape), tuple(s.shape)))
@@ -267,8 +298,11 @@ class ExpertStore:
 
 @dataclass
 class RawChunk:
+    """Experts `ids` as stored: per parameter, per expert, per piece (piece, weight or qweight, FP8
+    scale_inv or W4A16 scales, W4A16 qzeros), views into the staging buffer."""
+
     ids: list[int]
-    views: dict[str, list[list[tuple[Piece, torch.Tensor, torch.Tensor | None]]]]
+    views: dict[str, list[list[tuple[Piece, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]]]
 
 
 def _numel(shape: Sequence[int]) -> int:
