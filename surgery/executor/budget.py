@@ -118,17 +118,18 @@ class ChunkPlan:
 
 
 def plan_chunk(free_compute: int, free_host: int, expert_compute: int, expert_raw: int, num_experts: int,
-               activations: int, on_device: bool, where: object = None) -> int:
-    """Experts per chunk: compute buffers where the compute runs, two staging halves (the chunk being
-    built and the one read ahead) on the host. On the CPU both are host memory."""
+               activations: int, on_device: bool, where: object = None, build: int = 1) -> int:
+    """Experts per chunk read from disk: two staging halves of raw bytes (the chunk being computed and
+    the one read ahead) on the host, plus the compute buffers of the `build` experts dequantised at
+    once where the compute runs (on the CPU both are host memory). A chunk is dequantised `build`
+    experts at a time, so the budget buys larger reads, not more float copies of weights."""
+    fixed = build * expert_compute + activations
     if on_device:
-        by_compute = (free_compute - activations) // max(expert_compute, 1)
-        by_host = free_host // max(2 * expert_raw, 1)
-        n = min(by_compute, by_host)
+        n = free_host // max(2 * expert_raw, 1) if free_compute >= fixed else 0
     else:
-        n = (free_host - activations) // max(expert_compute + 2 * expert_raw, 1)
+        n = (free_host - fixed) // max(2 * expert_raw, 1)
     if n < 1:
-        need = expert_compute + 2 * expert_raw + activations
+        need = fixed + 2 * expert_raw
         raise SurgeryError(f"the memory budget leaves {max(min(free_host, free_compute), 0) / 1e6:.0f} MB for "
                            f"routed experts, and one expert needs {need / 1e6:.0f} MB (its weights, staging and "
                            "activations); raise --memory-budget", where)

@@ -40,6 +40,8 @@ from surgery.executor.tiers import MemoryTier, ZarrTier
 from surgery.faults import checkpoint as crash_point
 
 Reader = Callable[[Batch, int], torch.Tensor]
+RESIDENT_MAX = 256 << 20  # float bytes of a layer's experts up to which they are built all at once
+BUILD = 1  # experts dequantised at a time when streaming (each reads its float weights from cache)
 
 
 class LayerPass:
@@ -354,7 +356,8 @@ class LayerEngine:
                 runner.capture()
                 self.stream.run_batches(layer, module, part, mask, held, lambda b, y: None, lambda n: None, runner,
                                         None, scored, first_index=None)
-                for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch):
+                for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch,
+                                                 BUILD):
                     runner.compute(ids, weights, runner.captured, ids[0])
                     self._track()
                 runner.replay()
@@ -390,9 +393,15 @@ class LayerEngine:
             free_dev = free_host
         e, compute, raw = store.num_experts, store.compute_bytes(), store.raw_bytes()
         staging = 2 * store.read_chunk() * raw
-        if on_device and e * compute + act <= free_dev and staging <= free_host:
+        # every expert built at once and computed inside one pass over the batches: only for layers whose
+        # float experts are small (the passes then need no capture / replay); a full-width layer streams
+        # even when the budget would hold it, since dequantising one expert at a time into a buffer the
+        # cache keeps is faster than writing the whole layer's float weights to memory and reading them
+        # back (measured: MiniMax-M2 shapes, 2 cores)
+        small = e * compute <= RESIDENT_MAX
+        if small and on_device and e * compute + act <= free_dev and staging <= free_host:
             return e, 0
-        if not on_device and e * compute + act + staging <= free_host:
+        if small and not on_device and e * compute + act + staging <= free_host:
             return e, 0
         # paging: a group of captured tokens (layer input, MoE input, routed output) takes up to a quarter
         tokens = int(mask.sum())
@@ -400,7 +409,7 @@ class LayerEngine:
         group = max(1, min(tokens, (max(free_dev, 0) // 4) // per_token))
         held = min(tokens, group) * per_token
         n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
-                       self.model.ckpt.directory)
+                       self.model.ckpt.directory, BUILD)
         return n, group
 
 
