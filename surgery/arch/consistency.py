@@ -10,7 +10,9 @@ The rules, each named in the problem it reports:
 
 - `family`: `architectures` and `model_type` name the same family of the table.
 - `quantization`: a `quantization_config` whose method surgery reads (the hub FP8 block layout, W4A16
-  auto-round in auto_gptq packing) and tensors that match it (FP8 tensors only under FP8, and so on).
+  auto-round in auto_gptq packing) and tensors that match it (FP8 tensors only under FP8, and so on);
+  under W4A16 each linear is stored as `block_name_to_quantize`/`extra_config` declare it (what vLLM's
+  AutoRound loader reads it as): packed where declared 4-bit, plain where declared 16-bit, never both.
 - `index`: the index and the shard headers agree in both directions (the reader checks index -> shard).
 - `layers`: layer indices within `num_hidden_layers` plus the family's MTP layers.
 - `shape` / `dtype`: every tensor whose role the table knows has the shape config.json implies and a
@@ -49,6 +51,7 @@ LINEAR_SUFFIXES = frozenset({"weight", "bias", FP8_SCALE, *W4A16_PARTS})
 DEFAULT_FP8_BLOCK = (128, 128)  # transformers' FineGrainedFP8Config default
 SUPPORTED_QUANT = ("fp8 (hub FP8 block layout: float8_e4m3fn weights with weight_scale_inv), "
                    "auto-round W4A16 in auto_round:auto_gptq packing (bits 4)")
+REGEX_CHARS = frozenset("*+?^$()[]{}|\\")  # an extra_config key with one of these is a pattern (as vLLM reads it)
 MAX_PROBLEMS = 100  # a wholly wrong config makes every tensor a problem: the first hundred say enough
 BY_MODEL_TYPE = {spec.model_type: spec for spec in TABLE}
 
@@ -518,6 +521,8 @@ def _tensor_problems(model: MoEModel, quant: Quant) -> list[Problem]:
         check(name, rel)
     out = _layer_problems(model, beyond, mtp, where)
     out += _quant_presence(ckpt.config_path, quant, fp8_count, w4_count)
+    if quant.kind == "w4a16":
+        out += _w4a16_declared_problems(model, str(ckpt.config_path))
     out += checker.problems
     out += _expert_problems(model, experts, where)
     out += _missing_problems(model, seen_layers, where)
@@ -557,6 +562,79 @@ def _quant_presence(config_path: Path, quant: Quant, fp8_count: int, w4_count: i
                         "(auto-round) but no tensor is a .qweight; expected packed weights, or no "
                         "quantization_config", where)]
     return []
+
+
+def declared_bits(qcfg: dict, module: str) -> int:
+    """The bits vLLM's AutoRound loader gives linear `module`: an exact `extra_config` key, else the
+    first regex key (one with a regex metacharacter) found in the name by `re.search`, else the
+    checkpoint's bits inside `block_name_to_quantize` (comma-separated or a list; absent: everywhere)
+    and 16 outside. AutoRound writes regex keys (`.*model[.]layers[.]0[.]mlp[.]gate.*`, with escaped dots),
+    surgery exact names."""
+    bits = int(qcfg.get("bits", 4))
+    extra = qcfg.get("extra_config") or {}
+    cfg = extra.get(module)
+    if cfg is None:
+        for key, value in extra.items():
+            if isinstance(key, str) and any(c in REGEX_CHARS for c in key):
+                try:
+                    if re.search(key, module):
+                        cfg = value
+                        break
+                except re.error:
+                    continue
+    if isinstance(cfg, dict) and "bits" in cfg:
+        return int(cfg["bits"])
+    blocks = qcfg.get("block_name_to_quantize")
+    if isinstance(blocks, str):
+        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+    return bits if not blocks or any(module.startswith(b) for b in blocks) else 16
+
+
+def _w4a16_declared_problems(model: MoEModel, where: str) -> list[Problem]:
+    """Each linear stored as the quantization_config declares it. Why: vLLM decides from the config
+    alone whether to build a packed or a plain linear and then looks for `qweight` or `weight`, so a
+    packed expert written into a checkpoint whose extra_config calls it 16-bit, or a plain attention or
+    expert weight (e.g. a rewrite that wrote merged experts unpacked) where 4 bits are declared, loads
+    nowhere, while the shapes alone look fine. Plain weights are checked only for the linears every
+    loader builds with the quantization config (attention, routed and shared experts, dense MLPs):
+    routers and MTP extras are often built unquantized whatever the config says; and only when the
+    config names modules at all (`block_name_to_quantize` or `extra_config`, as AutoRound and surgery
+    write): a bare GPTQ-style config leaves the choice to its loader's own defaults."""
+    ckpt, spec = model.ckpt, model.spec
+    qcfg = ckpt.config.get("quantization_config") or {}
+    declares = bool(qcfg.get("block_name_to_quantize") or qcfg.get("extra_config"))
+    moe = set(model.moe_layers) | set(model.mtp_expert_layers())
+    shared = tuple(spec.moe_disk + "." + s for s in spec.shared_experts)
+    out: list[Problem] = []
+    for name, info in ckpt.tensors.items():
+        stem, _, suffix = name.rpartition(".")
+        if suffix not in ("qweight", "weight") or (layer := model.layer_of(name)) is None:
+            continue
+        if suffix == "qweight":
+            if stem + ".weight" in ckpt.tensors:
+                out.append(Problem("quantization", name, f"linear {stem!r} is stored both packed ({name!r}) and plain "
+                                   f"({stem + '.weight'!r}); expected one of them", where))
+            elif (bits := declared_bits(qcfg, stem)) >= 16:
+                out.append(Problem("quantization", name, f"W4A16 tensor {name!r} is packed but quantization_config "
+                                   f"declares {stem!r} {bits}-bit (extra_config / block_name_to_quantize); expected a "
+                                   f"plain {stem + '.weight'!r} or the module declared 4-bit", where))
+            continue
+        if not declares or len(info.shape) != 2 or info.dtype not in FLOATS:
+            continue
+        rel = name[len(model.layer_prefix(layer)):]
+        if layer >= model.num_layers and rel.startswith(spec.mtp_extras):
+            continue
+        role = model.classify(name).kind
+        packable = role == "expert" or (role == "other" and (
+            rel.startswith(spec.quant_linears) or (layer in moe and bool(shared) and rel.startswith(shared))
+            or (layer not in moe and rel.startswith(spec.dense_mlp))))
+        if packable and (bits := declared_bits(qcfg, stem)) < 16:
+            out.append(Problem("quantization", name, f"linear {stem!r} is stored plain ({name!r}) but "
+                               f"quantization_config declares it {bits}-bit (block_name_to_quantize "
+                               f"{qcfg.get('block_name_to_quantize')!r}, not in extra_config with bits 16): a W4A16 "
+                               f"loader reads {stem + '.qweight'!r}; expected it packed or listed in extra_config",
+                               where))
+    return out
 
 
 def _expert_problems(model: MoEModel, experts: dict[int, dict[int, dict[str, tuple]]], where: str) -> list[Problem]:
