@@ -1,8 +1,9 @@
-"""The streaming GPTQ driver (one layer resident, hidden states carried batch by batch) against an
-in-memory sequential GPTQ written here: the whole tiny model loaded by transformers, each layer's
-linear inputs and each expert's routed tokens captured from the model's own forward with plain loops
-(after the layers before it were replaced by their quantized weights), Hessians in float64 and the
-plain column-by-column GPTQ of tests/test_quant_gptq.py."""
+"""GPTQ through the layer engine (one layer resident, routed experts streamed, hidden states in a tier)
+against an in-memory sequential GPTQ written here: the whole tiny model loaded by transformers; per
+layer, the attention linears' inputs captured from the model's own forward (earlier layers already
+replaced by their quantized weights) and quantized, then each expert's routed tokens captured from a
+second forward with that attention quantized, with plain loops; Hessians in float64 and the plain
+column-by-column GPTQ of tests/test_quant_gptq.py."""
 
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ def in_memory_gptq(src, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tupl
         def grab(mod, a, n, seen=seen):
             seen[n].append(a[0].reshape(-1, a[0].shape[-1]))
 
-        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: grab(mod, a, n)) for n, m in attn.items()]
         experts = layer.mlp.experts
         routed = {j: [] for j in range(cfg.num_local_experts)}
+        record = {"on": False}
 
-        def plain(hidden, top_k_index, top_k_weights, experts=experts, routed=routed):
+        def plain(hidden, top_k_index, top_k_weights, experts=experts, routed=routed, record=record):
             out = torch.zeros_like(hidden)
             for tok in range(hidden.shape[0]):
                 for slot in range(top_k_index.shape[1]):
@@ -48,16 +49,17 @@ def in_memory_gptq(src, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tupl
                     g, u = (experts.gate_up_proj[j] @ x).chunk(2)
                     mid = experts.act_fn(g) * u
                     out[tok] += top_k_weights[tok, slot] * (experts.down_proj[j] @ mid)
-                    if valid[tok]:
+                    if valid[tok] and record["on"]:
                         routed[j].append((x, mid))
             return out
 
         experts.forward = plain
+        # 1. attention inputs under this layer's original weights (earlier layers already quantized)
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: grab(mod, a, n)) for n, m in attn.items()]
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         for h in hooks:
             h.remove()
-        del experts.forward
 
         def hess(rows: list[torch.Tensor]) -> torch.Tensor:
             x = torch.stack(rows).double() if rows[0].ndim == 1 else torch.cat(rows).double()
@@ -69,6 +71,11 @@ def in_memory_gptq(src, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, tupl
             q, s = reference_gptq(lin.weight.data, hess([x]), GROUP)
             results[f"{prefix}self_attn.{n}.weight"] = (q, s)
             lin.weight.data = dequant(q, s)
+        # 2. each expert's routed tokens once this layer's attention is quantized
+        record["on"] = True
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        del experts.forward
         inter = experts.down_proj.shape[-1]
         for j, pairs in routed.items():
             h_in, h_mid = hess([x for x, _ in pairs]), hess([m for _, m in pairs])

@@ -79,4 +79,5 @@ def prune_cmd(
           progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
           merge_saliency=merge_saliency)
     if quantize_scheme is not None:
-        quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress)
+        quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
+                        o.memory_bytes(memory_budget))

@@ -45,6 +45,7 @@ def quantize_cmd(
     dtype: str = o.DTYPE,
     seed: int = o.SEED,
     pack: bool = o.PACK,
+    memory_budget: str | None = o.MEMORY_BUDGET,
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Quantize MODEL's attention and expert weights (routed and shared; dense MLPs with --quantize-dense) to
@@ -57,7 +58,7 @@ def quantize_cmd(
     data = DataOptions(list(dataset), samples, max_length, seed, pack)
     summary = quantize(resolve_model(model), out, method=method, group_size=group_size,
                        quantize_dense=quantize_dense, work=work, data=data, batch_size=batch_size, device=device,
-                       dtype=dtype, progress=not no_progress)
+                       dtype=dtype, progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     report(summary, out)
 
 
@@ -88,10 +89,10 @@ def pruned_destination(scheme: str | None, method: str, out: Path, work: Path) -
 
 
 def quantize_pruned(pruned: Path, out: Path, method: str, work: Path, data, batch_size: int, device: str, dtype: str,
-                    progress: bool) -> None:
+                    progress: bool, memory_budget: int | None = None) -> None:
     """The last stage of `surgery prune --quantize w4a16`: quantize the pruned checkpoint into OUT."""
     from surgery.quant.pipeline import quantize
 
     summary = quantize(pruned, out, method=method, work=work / "quant", data=data, batch_size=batch_size,
-                       device=device, dtype=dtype, progress=progress)
+                       device=device, dtype=dtype, progress=progress, memory_budget=memory_budget)
     report(summary, out)

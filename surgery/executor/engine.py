@@ -45,10 +45,34 @@ BUILD = 1  # experts dequantised at a time when streaming (each reads its float 
 
 
 class LayerPass:
-    """A command's work at each layer; the base does nothing."""
+    """A command's work at each layer; the base does nothing.
+
+    Hooks, in the order the engine calls them for one layer: `prepare` (an object whose `valid` the
+    engine sets per batch, or None) and, if it asked, one run of the batches with the outputs discarded
+    and the routed experts skipped, then `prepared` (GPTQ: quantize the resident linears from the input
+    statistics that run gathered); `listeners`; `chunk` for every group of routed experts as it is built,
+    before it is computed (GPTQ: quantize them in place); `end_layer`."""
+
+    # the routed experts must be computed over captured tokens, all of the layer's in one group (a pass
+    # that needs every token's statistics before it changes an expert's weights)
+    needs_capture: bool = False
+
+    def prepare(self, layer: int, module: nn.Module) -> object | None:
+        return None
+
+    def prepared(self, layer: int, module: nn.Module) -> None:
+        """After the discarded run that `prepare` asked for."""
 
     def listeners(self, layer: int, block: nn.Module, runner: RoutedExperts) -> list[ExpertListener]:
         return []
+
+    def chunk(self, layer: int, store, ids: list[int], weights: dict[str, torch.Tensor], captured: list) -> None:
+        """Experts `ids` are built in `weights` (`[n, ...]`, expert ids[0] first) and about to run over
+        the `captured` batches (`BatchRouting`); a pass may change the weights in place."""
+
+    def extra_bytes(self, layer: int) -> int:
+        """Memory the pass holds while one group of routed experts is built (planned into the budget)."""
+        return 0
 
     def end_layer(self, layer: int) -> None:
         """After all of the layer's batches, before its boundary is committed (write what it recorded)."""
@@ -331,26 +355,31 @@ class LayerEngine:
         block = self.factory.moe_block(module)
         store = self.factory.expert_store(layer, module) if block is not None else None
         if store is None:
+            self._prepare(layer, module, passes, batches, mask, read, scored)
             self.stream.run_batches(layer, module, batches, mask, read, write, advance, None, self._should_stop,
                                     scored, overlap_io)
             return
         runner = RoutedExperts(block, store.num_experts, self.model.spec.experts_transposed, layer,
                                where=self.model.ckpt.directory)
         runner.timings = self.factory.timings
-        for p in passes:
-            runner.listeners.extend(p.listeners(layer, block, runner))
         try:
-            per_chunk, group = self._plan(store, batches, mask)
+            runner.mode = "skip"
+            self._prepare(layer, module, passes, batches, mask, read, scored)
+            runner.mode = "resident"
+            for p in passes:
+                runner.listeners.extend(p.listeners(layer, block, runner))
+            per_chunk, group = self._plan(store, batches, mask, passes, layer)
             self.chunks[layer] = per_chunk
             experts = list(range(store.num_experts))
-            if per_chunk >= store.num_experts:
+            if per_chunk >= store.num_experts and not any(p.needs_capture for p in passes):
                 runner.weights = store.load_all(self.staging, self.buffers, self.opts.prefetch)
                 self._track()
                 self.stream.run_batches(layer, module, batches, mask, read, write, advance, runner,
                                         self._should_stop, scored, overlap_io)
                 return
             done = 0
-            for part in _groups(batches, mask, group):
+            capture = any(p.needs_capture for p in passes)
+            for part in ([list(batches)] if capture else _groups(batches, mask, group)):
                 inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in part}
                 held = _held(inputs)
                 runner.capture()
@@ -358,6 +387,8 @@ class LayerEngine:
                                         None, scored, first_index=None)
                 for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch,
                                                  BUILD):
+                    for p in passes:
+                        p.chunk(layer, store, ids, weights, runner.captured)
                     runner.compute(ids, weights, runner.captured, ids[0])
                     self._track()
                 runner.replay()
@@ -367,23 +398,41 @@ class LayerEngine:
         finally:
             runner.detach()
 
+    def _prepare(self, layer: int, module: nn.Module, passes: Sequence[LayerPass], batches: Sequence[Batch],
+                 mask: np.ndarray, read: Reader, scored) -> None:
+        """The discarded run that passes ask for in `prepare` (routed experts skipped by the caller)."""
+        probes = [(p, p.prepare(layer, module)) for p in passes]
+        probes = [(p, probe) for p, probe in probes if probe is not None]
+        if not probes:
+            return
+        valid = _Valid([probe for _, probe in probes])
+        self.stream.run_batches(layer, module, batches, mask, read, lambda b, y: None, lambda n: None, valid, None,
+                                scored, first_index=None)
+        for p, _ in probes:
+            p.prepared(layer, module)
+
     def _should_stop(self) -> bool:
         return self.stop.is_set()
 
     def _track(self) -> None:
         self.peak_anon = max(self.peak_anon, rss_anon())
 
-    def _plan(self, store, batches: Sequence[Batch], mask: np.ndarray) -> tuple[int, int]:
+    def _plan(self, store, batches: Sequence[Batch], mask: np.ndarray, passes: Sequence[LayerPass] = (),
+              layer: int = 0) -> tuple[int, int]:
         """(experts per chunk, tokens per captured group) for this layer under the budget, measured
         after its resident part is loaded. Staging and chunk buffers kept from earlier layers are
         reused, so what they hold counts as free; the next layer's resident part, being read
         meanwhile, does not."""
         self._track()
+        tokens = int(mask.sum())
+        capture = any(p.needs_capture for p in passes)
         if self.opts.experts_per_chunk:
-            return min(self.opts.experts_per_chunk, store.num_experts), self.opts.tokens_per_group or int(mask.sum())
+            per = min(self.opts.experts_per_chunk, store.num_experts)
+            return per, tokens if capture else (self.opts.tokens_per_group or tokens)
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         item = torch.empty((), dtype=self.dtype).element_size()
         act = max((_activation_bytes(self.factory.config, b, mask, hidden, item) for b in batches), default=0)
+        act += sum(p.extra_bytes(layer) for p in passes)
         on_device = self.device.type == "cuda"
         free_host = self.budget.host_free() + self.staging.nbytes() - self.factory.pending_bytes()
         if on_device:
@@ -398,19 +447,41 @@ class LayerEngine:
         # even when the budget would hold it, since dequantising one expert at a time into a buffer the
         # cache keeps is faster than writing the whole layer's float weights to memory and reading them
         # back (measured: MiniMax-M2 shapes, 2 cores)
-        small = e * compute <= RESIDENT_MAX
+        small = e * compute <= RESIDENT_MAX and not capture
         if small and on_device and e * compute + act <= free_dev and staging <= free_host:
             return e, 0
         if small and not on_device and e * compute + act + staging <= free_host:
             return e, 0
         # paging: a group of captured tokens (layer input, MoE input, routed output) takes up to a quarter
-        tokens = int(mask.sum())
         per_token = 4 * hidden * item
-        group = max(1, min(tokens, (max(free_dev, 0) // 4) // per_token))
-        held = min(tokens, group) * per_token
+        held_tokens = sum((b[1] - b[0]) * real_length(mask[b[0]:b[1]]) for b in batches)  # padded, as captured
+        group = max(1, min(held_tokens if capture else tokens, (max(free_dev, 0) // 4) // per_token))
+        if capture and group < held_tokens:
+            raise SurgeryError(f"layer {layer}: this command needs the MoE inputs of all {held_tokens} calibration "
+                               f"positions at once ({held_tokens * per_token / 1e6:.0f} MB), and the memory budget "
+                               "leaves room for "
+                               f"{group}; raise --memory-budget or calibrate on fewer tokens",
+                               self.model.ckpt.directory)
+        held = (held_tokens if capture else min(tokens, group)) * per_token
         n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
                        self.model.ckpt.directory, BUILD)
         return n, group
+
+
+class _Valid:
+    """The observer a discarded run hands its batches' valid-token masks to (every probe gets them)."""
+
+    def __init__(self, probes: list) -> None:
+        self._probes = probes
+
+    @property
+    def valid(self):
+        return self._probes[0].valid
+
+    @valid.setter
+    def valid(self, value) -> None:
+        for probe in self._probes:
+            probe.valid = value
 
 
 def _held(inputs: dict[Batch, torch.Tensor]) -> Reader:

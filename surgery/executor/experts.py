@@ -566,6 +566,8 @@ class RoutedExperts:
             batch = self.captured[self._replay]
             self._replay += 1
             return batch.out
+        if self.mode == "skip":  # a run that observes the rest of the layer only
+            return torch.zeros_like(x)
         valid = self.valid if self.valid is not None else torch.ones(x.shape[0], dtype=torch.bool)
         if not torch.isfinite(x).all():
             raise SurgeryError(f"NaN/Inf in the hidden states after layer {self.layer} (before its MoE block: "

@@ -1,34 +1,45 @@
-"""GPTQ as a pass over one decoder layer at a time: what the layer engine calls, and nothing more.
+"""GPTQ as a pass of the layer engine: what it does at each decoder layer, and nothing more.
 
-    gp.begin_layer(layer, module)       # hooks on the layer's quantized nn.Linear modules (attention,
-                                        # shared experts, dense MLP) accumulate their input Hessians
-    gp.valid = bool [tokens]            # per batch, before the forward: real (non-padding) tokens
-    gp.observe_expert(j, x_in, h_mid)   # routed expert j's real tokens: its input (w1/w3 Hessian)
-                                        # and act(gate)·up (w2 Hessian)
-    packed = gp.end_layer(layer)        # {weight name: {qweight, qzeros, scales}} (GPTQ; RTN for
-                                        # experts that saw fewer than `min_tokens` tokens)
-    gp.dequantized(packed)              # {weight name: W [out, in]} from the packed bytes, so the
-                                        # layer can be rerun on them for the next layer's inputs
+Sequential at the granularity of a layer's parts, so every weight is quantized from the inputs it sees
+once everything before it is quantized (earlier layers, and this layer's attention before its
+experts):
 
-Weights are read from the checkpoint by their on-disk names (FP8 dequantised), never taken from the
-module, so the pass does not depend on how the engine holds a layer's experts. Hessian memory is
-`in² × 4` bytes per linear input (w1/w3 of an expert share one), for the current layer only.
+1. `prepare` hooks the layer's resident quantized linears (attention q/k/v/o, shared experts, dense
+   MLP when asked); the engine runs the batches once with the routed experts skipped and the outputs
+   discarded, and the hooks accumulate each linear's input Hessian over the real tokens.
+2. `prepared` quantizes those linears (weights read from the checkpoint by their on-disk names, FP8
+   dequantised) and puts the *decoded* quantized weights into the layer.
+3. The engine then runs the layer for real with its routed experts streamed over the captured MoE
+   inputs (now from the quantized attention). `chunk` sees each group of experts as it is built, before
+   it runs: per expert, the Hessian of its routed real tokens (gate and up share it) and of
+   act(gate)·up under its original weights (down's inputs), GPTQ per projection, and the decoded
+   quantized weights written over the built ones, so the layer's outputs (the next layer's inputs)
+   come from the quantized experts. Experts with fewer than `min_tokens` routed tokens take RTN.
+4. Packed tensors stream into `WORK/layer_NNNN.safetensors` as they are made (header known from the
+   targets), renamed into place at `end_layer`, before the engine commits the layer's boundary.
+
+Memory: the Hessians of one expert group at a time (`extra_bytes`, planned into the budget) and one
+layer's attention Hessians, never a whole layer's packed experts.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fp8 import block_size, dequantize
 from surgery.checkpoint.w4a16 import dequantize_w4a16
+from surgery.checkpoint.writer import SafetensorsWriter, TensorEntry
 from surgery.errors import SurgeryError
+from surgery.executor.engine import LayerPass
 from surgery.quant.gptq import DAMP, Hessian, gptq_quantize
-from surgery.quant.pack import pack
-from surgery.quant.rtn import rtn_quantize
+from surgery.quant.pack import SUFFIXES, pack, packed_shapes
+from surgery.quant.rtn import num_groups, rtn_quantize
 from surgery.quant.targets import QuantTargets, Target
 
 
@@ -40,28 +51,74 @@ def memory_path(model: MoEModel, target: Target) -> str:
     return rel[1:]
 
 
-class GPTQPass:
-    def __init__(self, model: MoEModel, targets: QuantTargets, group_size: int = 128, damp: float = DAMP,
-                 min_tokens: int | None = None, device: torch.device | str = "cpu") -> None:
+def layer_file(work: Path, layer: int) -> Path:
+    return work / f"layer_{layer:04d}.safetensors"
+
+
+class GPTQPass(LayerPass):
+    needs_capture = True
+
+    def __init__(self, model: MoEModel, targets: QuantTargets, work: Path, group_size: int = 128,
+                 damp: float = DAMP, min_tokens: int | None = None, device: torch.device | str = "cpu") -> None:
         self.model = model
         self.targets = targets
+        self.work = Path(work)
         self.group_size = group_size
         self.damp = damp
         # fewer routed tokens than two groups' worth: the Hessian is mostly dampening, RTN is as good
         self.min_tokens = 2 * group_size if min_tokens is None else min_tokens
         self.device = torch.device(device)
-        self.valid: torch.Tensor | None = None
-        self.rtn_fallback = 0
+        self.valid: torch.Tensor | None = None  # set by the engine per batch of the discarded run
+        self.rtn_fallback: dict[int, int] = {}
         self._hooks: list = []
         self._hess: dict[str, Hessian] = {}
-        self._expert_in: dict[int, Hessian] = {}
-        self._expert_mid: dict[int, Hessian] = {}
+        self._experts: nn.Module | None = None
+        self._writer: SafetensorsWriter | None = None
+        roles = [r for _, rs in model.spec.fused_experts for r in rs]
+        self._role_order = {r: i for i, r in enumerate(roles)}
 
-    # ---------------------------------------------------------------- observing
-    def begin_layer(self, layer: int, module: nn.Module, block: nn.Module | None = None) -> None:
+    # ---------------------------------------------------------------- the layer's file
+    def _order(self, layer: int) -> list[Target]:
+        """Targets in the order they are quantized: resident linears, then experts ascending, each
+        expert's projections in the order its fused parameters are built."""
+        resident = [t for t in self.targets.by_layer(layer) if t.kind != "expert"]
+        experts = sorted((t for t in self.targets.by_layer(layer) if t.kind == "expert"),
+                         key=lambda t: (t.expert, self._role_order.get(t.role, 0)))
+        return resident + experts
+
+    def _open(self, layer: int) -> None:
+        entries = []
+        for t in self._order(layer):
+            shapes = packed_shapes(t.out_features, t.in_features, num_groups(t.in_features, self.group_size))
+            entries += [TensorEntry(f"{t.module}.{part}", shapes[part][1], shapes[part][0]) for part in SUFFIXES]
+        if self._writer is not None:
+            self._writer.abort()
+        self._writer = SafetensorsWriter(layer_file(self.work, layer), entries, fsync=True)
+        self._writer.open()
+
+    def _emit(self, t: Target, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """Pack and stream one quantized weight; returns what a W4A16 reader decodes it to."""
+        from surgery.quant.run import tensor_bytes
+
+        packed = {k: v.cpu() for k, v in pack(q.cpu(), s.cpu()).items()}
+        for part in SUFFIXES:
+            self._writer.write(f"{t.module}.{part}", tensor_bytes(packed[part]))
+        return dequantize_w4a16(packed["qweight"], packed["qzeros"], packed["scales"], self.group_size)
+
+    def _quantize(self, t: Target, w: torch.Tensor, h: Hessian | None, minimum: int) -> torch.Tensor:
+        w = w.to(self.device, torch.float32)
+        if h is None or h.count < minimum:
+            q, s = rtn_quantize(w, self.group_size)
+            self.rtn_fallback[t.layer] = self.rtn_fallback.get(t.layer, 0) + 1
+        else:
+            q, s = gptq_quantize(w, h.value(), self.group_size, self.damp)
+        return self._emit(t, q, s)
+
+    # ---------------------------------------------------------------- engine hooks
+    def prepare(self, layer: int, module: nn.Module) -> object | None:
         self._hess.clear()
-        self._expert_in.clear()
-        self._expert_mid.clear()
+        self.rtn_fallback[layer] = 0
+        self._open(layer)
         for t in self.targets.by_layer(layer):
             if t.kind == "expert":
                 continue
@@ -75,6 +132,7 @@ class GPTQPass:
                                    f"{self.model.spec.family} decoder layer", self.model.ckpt.directory)
             h = self._hess[t.name] = Hessian(t.in_features, self.device)
             self._hooks.append(lin.register_forward_pre_hook(partial(self._record, h)))
+        return self
 
     def _record(self, h: Hessian, _module: nn.Module, args: tuple) -> None:
         x = args[0].reshape(-1, args[0].shape[-1])
@@ -82,53 +140,61 @@ class GPTQPass:
             x = x[self.valid.to(x.device)]
         h.add(x)
 
-    def observe_expert(self, j: int, x_in: torch.Tensor, h_mid: torch.Tensor) -> None:
-        if j not in self._expert_in:
-            self._expert_in[j] = Hessian(x_in.shape[-1], self.device)
-            self._expert_mid[j] = Hessian(h_mid.shape[-1], self.device)
-        self._expert_in[j].add(x_in)
-        self._expert_mid[j].add(h_mid)
-
-    def _detach(self) -> None:
+    def prepared(self, layer: int, module: nn.Module) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for t in self._order(layer):
+            if t.kind == "expert":
+                continue
+            lin = module.get_submodule(memory_path(self.model, t))
+            decoded = self._quantize(t, self._weight(t), self._hess.get(t.name), 1)
+            lin.weight.data.copy_(decoded.to(lin.weight.device, lin.weight.dtype))
+        self._hess.clear()
 
-    # ---------------------------------------------------------------- quantizing
+    def listeners(self, layer: int, block: nn.Module, runner) -> list:
+        self._experts = block.experts
+        return []
+
+    def extra_bytes(self, layer: int) -> int:
+        """One expert's two Hessians (its input's and its intermediate's), float32."""
+        ins = {t.role: t.in_features for t in self.targets.by_layer(layer) if t.kind == "expert" and t.expert == 0}
+        return 4 * sum(n * n for n in {ins.get("gate", 0), ins.get("down", 0)})
+
+    def chunk(self, layer: int, store, ids: list[int], weights: dict[str, torch.Tensor], captured: list) -> None:
+        for i, j in enumerate(ids):
+            rows_of = [b.routed(j)[0] for b in captured]
+            xs = [b.x[r][b.valid[r]] for b, r in zip(captured, rows_of, strict=True)]
+            x = torch.cat(xs) if xs else None
+            h_in = h_mid = None
+            if x is not None and x.shape[0]:
+                h_in = Hessian(x.shape[-1], self.device)
+                h_in.add(x)
+                gate_up = weights.get("gate_up_proj")
+                if gate_up is not None:
+                    gate, up = F.linear(x, gate_up[i]).chunk(2, dim=-1)
+                    mid = self._experts.act_fn(gate) * up
+                    h_mid = Hessian(mid.shape[-1], self.device)
+                    h_mid.add(mid)
+            for param in store.params:
+                for piece in param.pieces[j]:
+                    t = self.targets.targets.get(piece.name)
+                    if t is None:
+                        continue
+                    rows = weights[param.name][i, piece.row:piece.row + t.out_features]
+                    h = h_mid if t.role == "down" else h_in
+                    rows.copy_(self._quantize(t, rows, h, self.min_tokens).to(rows.dtype))
+
+    def end_layer(self, layer: int) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ---------------------------------------------------------------- weights
     def _weight(self, t: Target) -> torch.Tensor:
         ckpt = self.model.ckpt
         w = ckpt.read(t.name)
         if t.scale is not None:
             s = ckpt.read(t.scale)
             w = dequantize(w, s, block_size(ckpt.config, tuple(w.shape), tuple(s.shape)))
-        return w.to(self.device)
-
-    def hessian_of(self, t: Target) -> Hessian | None:
-        if t.kind == "expert":
-            store = self._expert_mid if t.role == "down" else self._expert_in
-            return store.get(t.expert)
-        return self._hess.get(t.name)
-
-    def end_layer(self, layer: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Quantize every target of the layer; returns the packed tensors by on-disk weight name."""
-        self._detach()
-        out = {}
-        for t in self.targets.by_layer(layer):
-            w = self._weight(t)
-            h = self.hessian_of(t)
-            if h is None or h.count < (self.min_tokens if t.kind == "expert" else 1):
-                q, s = rtn_quantize(w, self.group_size)
-                self.rtn_fallback += 1
-            else:
-                q, s = gptq_quantize(w, h.value(), self.group_size, self.damp)
-            out[t.name] = {k: v.cpu() for k, v in pack(q.cpu(), s.cpu()).items()}
-        self._hess.clear()
-        self._expert_in.clear()
-        self._expert_mid.clear()
-        return out
-
-    def dequantized(self, packed: dict[str, dict[str, torch.Tensor]],
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The weights the packed tensors decode to (what a W4A16 reader computes), by weight name."""
-        return {name: dequantize_w4a16(p["qweight"], p["qzeros"], p["scales"], self.group_size, dtype)
-                for name, p in packed.items()}
+        return w

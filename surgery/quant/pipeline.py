@@ -9,7 +9,8 @@ from surgery.checkpoint.reader import Checkpoint
 
 def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int = 128,
              quantize_dense: bool = False, work: Path | None = None, data=None, batch_size: int = 8,
-             device: str = "auto", dtype: str = "auto", progress: bool = True) -> dict:
+             device: str = "auto", dtype: str = "auto", progress: bool = True,
+             memory_budget: int | None = None) -> dict:
     from surgery.quant.run import rtn_source, write_quantized
 
     if method == "rtn":
@@ -20,4 +21,5 @@ def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int
 
     work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
     return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
-                    batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+                    batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                    memory_budget=memory_budget)
