@@ -8,6 +8,13 @@ only and on a mix of the three domains, with the streaming pieces end to end:
 
     Calibrator (saliency) -> make_plan -> rewrite_checkpoint (a real pruned checkpoint) -> Evaluator
 
+Then W4A16 (group 128) of each REAP checkpoint (0.25 and 0.5, both calibrations): RTN, and GPTQ
+calibrated on exactly the calibration windows of the REAP row it follows (passed as pre-tokenised
+`CalibrationInputs` to `surgery.quant.pipeline.quantize(..., inputs=...)`: `DataOptions` samples
+documents and cannot express "the first N windows in file order"); each quantization runs in a fresh
+(spawned) process so its wall time and peak RSS are its own; the W4A16 checkpoint itself is evaluated
+(the engine decodes the packed weights).
+
 Text layout, as the fixture README describes: each jsonl file's documents in file order, tokenised
 without special tokens and joined with the end-of-text token (id 0), cut into 512-token windows.
 Evaluation: the first 32,768 tokens of each `text/*.eval.jsonl` (64 windows per domain), float32.
@@ -16,14 +23,17 @@ from code, prose and tools .calib.jsonl (the same token budget, so only the mix 
 
     .venv/bin/python tools/quality_table.py [--out docs/quality.md] [--work DIR]
 
-About 10 minutes on 2 CPU cores; the evaluation is resumable (rerun with the same --work). A protected
-plan that keeps exactly REAP's experts is not evaluated again (same checkpoint, same losses).
+About 30 minutes on 2 CPU cores; the evaluation is resumable (rerun with the same --work: finished rows,
+W4A16 ones included with their run's time and memory, are not measured again). A protected plan that
+keeps exactly REAP's experts is not evaluated again (same checkpoint, same losses).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -31,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +69,8 @@ METHODS = ("reap", "frequency", "ean", "random")
 RATIOS = (0.25, 0.5)
 CALIBRATIONS = {"code": {"code": 32}, "mixed": {"code": 11, "prose": 11, "tools": 10}}
 VARIANTS = ("reap-protect", "merge")  # REAP + --protect super, and --method merge (REAP's kept experts)
+QUANT = ("rtn", "gptq")  # W4A16 of each REAP checkpoint
+GROUP = 128
 EOT = 0
 # The fixture README's figures (in-memory pruning, code-only calibration), to print beside ours.
 README_BASE = {"code": 2.585, "prose": 1.615, "tools": 0.148}
@@ -83,6 +96,25 @@ def windows(path: Path, tokenizer, n_windows: int) -> np.ndarray:
     if len(ids) < need:
         raise SystemExit(f"{path}: only {len(ids)} tokens, need {need}")
     return np.asarray(ids[:need], dtype=np.int64).reshape(n_windows, WINDOW)
+
+
+def _quantize_run(model_dir: str, out: str, method: str, work: str, inputs, batch_size: int) -> dict:
+    """One W4A16 quantization, in a fresh process: its wall time and peak RSS (imports included, as a
+    `surgery quantize` process would have) are this run's alone."""
+    from surgery.quant.pipeline import quantize
+
+    t = time.perf_counter()
+    summary = quantize(Path(model_dir), Path(out), method=method, group_size=GROUP, work=Path(work),
+                       inputs=inputs, batch_size=batch_size, device="cpu", dtype="float32", progress=False)
+    return {"seconds": time.perf_counter() - t,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rtn_fallback": int(summary.get("rtn_fallback", 0)), "output_bytes": int(summary["output_bytes"]),
+            "load": os.getloadavg()[0]}
+
+
+def quantize_in_child(*args) -> dict:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_quantize_run, *args).result()
 
 
 def main() -> None:
@@ -113,6 +145,7 @@ def main() -> None:
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     results: dict[str, dict] = {}
     details: dict[str, dict] = {}  # per variant row: what protection / merging did
+    runs: dict[str, dict] = {}  # per W4A16 row: the quantization's time, peak RSS, RTN fallbacks
     reused = 0
 
     def evaluate(name: str, directory: Path) -> dict:
@@ -175,13 +208,42 @@ def main() -> None:
                 shutil.rmtree(out_dir)
                 done[name] = {"plan": phash, "losses": results[name]}
                 write_json_atomic(done_path, done)
+        calib_hash = hashlib.sha256(calib_ids.tobytes()).hexdigest()[:16]
+        for ratio in RATIOS:
+            reap = _name("reap", ratio, calib)
+            phash = plan_hash(make_plan(saliency, model, "reap", ratio, seed=0))
+            pruned = work / "pruned" / reap
+            for qm in QUANT:
+                name = f"{reap}+{qm}"
+                # GPTQ's result also depends on its calibration tokens (the REAP row's windows)
+                key = f"{phash}:{qm}:g{GROUP}" + (f":{calib_hash}" if qm == "gptq" else "")
+                if done.get(name, {}).get("plan") == key:
+                    results[name], runs[name] = done[name]["losses"], done[name]["run"]
+                    reused += 1
+                    continue
+                if not (pruned / "config.json").is_file():
+                    shutil.rmtree(pruned, ignore_errors=True)
+                    rewrite_checkpoint(args.model, make_plan(saliency, model, "reap", ratio, seed=0), pruned,
+                                       progress=False)
+                qdir, qwork = work / "w4a16" / name, work / "w4a16" / f"{name}.work"
+                shutil.rmtree(qdir, ignore_errors=True)
+                shutil.rmtree(qwork, ignore_errors=True)
+                runs[name] = quantize_in_child(str(pruned), str(qdir), qm, str(qwork), cal_inputs, args.batch_size)
+                print(f"{time.perf_counter() - t0:6.0f}s  {name}: W4A16 in {runs[name]['seconds']:.0f} s, peak RSS "
+                      f"{runs[name]['peak_rss_mb']:.0f} MB", flush=True)
+                evaluate(name, qdir)
+                shutil.rmtree(qdir)
+                shutil.rmtree(qwork, ignore_errors=True)
+                done[name] = {"plan": key, "losses": results[name], "run": runs[name]}
+                write_json_atomic(done_path, done)
+            shutil.rmtree(pruned, ignore_errors=True)
     ckpt.close()
     seconds = time.perf_counter() - t0
     usage = resource.getrusage(resource.RUSAGE_SELF)
     timing = {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime, "reused": reused,
               "rows": len(results), "load": os.getloadavg()[0]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(render(results, timing, details))
+    args.out.write_text(render(results, timing, details, runs))
     print(f"-> {args.out} ({seconds:.0f} s)")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +274,7 @@ def _mean(r: dict) -> float:
     return float(np.mean([r[d] for d in DOMAINS]))
 
 
-def render(results: dict, timing: dict, details: dict) -> str:
+def render(results: dict, timing: dict, details: dict, runs: dict) -> str:
     base = results["base"]
     lines = [
         "# Pruning quality on the trained tiny MiniMax-M2 fixture",
@@ -288,6 +350,7 @@ def render(results: dict, timing: dict, details: dict) -> str:
             lines.append(f"- {calib} calibration, ratio {ratio:g}: by mean loss "
                          + " < ".join(f"{m} ({_mean(results[_name(m, ratio, calib)]):.3f})" for m in ranked))
     lines += _variants_section(results, details)
+    lines += _quant_section(results, runs)
     lines += ["", "The streaming evaluator equals transformers' own loss on the same tokens (to 1e-5, "
               "tests/test_eval.py), so the unpruned row is the model's loss on these windows; it differs slightly "
               f"from the README's (prose {base['prose']:.3f} vs {README_BASE['prose']:.3f}), whose windows must be cut "
@@ -358,6 +421,77 @@ def _variants_section(results: dict, details: dict) -> list[str]:
                      "differently: merging takes away the router's independent, input-dependent control of the "
                      "merged experts.")
     lines += [verdict_p, "", verdict_m]
+    return lines
+
+
+def _quant_section(results: dict, runs: dict) -> list[str]:
+    """REAP vs REAP + W4A16-RTN vs REAP + W4A16-GPTQ, what quantization costs, and whether GPTQ < RTN."""
+    lines = ["", "## W4A16 after REAP", "",
+             f"Each REAP checkpoint above (0.25 and 0.5, both calibrations) quantized to W4A16 (group {GROUP}, "
+             "symmetric 4-bit, AutoRound's packing; docs/quantize.md) by `surgery.quant.pipeline.quantize`: "
+             "**RTN** (no data), and **GPTQ** calibrated on exactly the REAP row's calibration windows (the same "
+             "16,384 tokens: code-only or mixed), sequential within each layer (attention quantized first, the "
+             "experts then see the quantized attention's outputs) and across layers. The W4A16 checkpoint itself is "
+             "evaluated (the layer engine decodes the packed weights), same held-out windows and `Evaluator`. "
+             "Δ = loss minus the pruned (bf16) REAP checkpoint's.", "",
+             "| ratio | calibration | model | code | prose | tools | mean | Δ code | Δ prose | Δ tools | Δ mean |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cases = [(ratio, calib) for ratio in RATIOS for calib in CALIBRATIONS]
+    cost = {qm: [] for qm in QUANT}
+    wins = {d: 0 for d in (*DOMAINS, "mean")}
+    removed = {d: [] for d in ("code", "tools")}
+    losses = []
+    for ratio, calib in cases:
+        reap = _name("reap", ratio, calib)
+        p = results[reap]
+        lines.append(f"| {ratio:g} | {calib} | REAP | " + " | ".join(f"{p[d]:.3f}" for d in DOMAINS)
+                     + f" | {_mean(p):.3f} | | | | |")
+        for qm in QUANT:
+            r = results[f"{reap}+{qm}"]
+            lines.append(f"| {ratio:g} | {calib} | + W4A16-{qm.upper()} | " + " | ".join(f"{r[d]:.3f}" for d in DOMAINS)
+                         + f" | {_mean(r):.3f} | " + " | ".join(f"{r[d] - p[d]:+.3f}" for d in DOMAINS)
+                         + f" | {_mean(r) - _mean(p):+.3f} |")
+            cost[qm].append(_mean(r) - _mean(p))
+        r, g = results[f"{reap}+rtn"], results[f"{reap}+gptq"]
+        for d in DOMAINS:
+            wins[d] += g[d] < r[d]
+        wins["mean"] += _mean(g) < _mean(r)
+        for d in removed:
+            if r[d] - p[d] > 1e-3:
+                removed[d].append((r[d] - g[d]) / (r[d] - p[d]))
+        losses += [f"{d} at {ratio:g}/{calib} ({g[d]:.3f} vs {r[d]:.3f})" for d in ("code", "tools") if g[d] >= r[d]]
+    n = len(cases)
+    lines += ["", "Quantization runs (each in a fresh process: wall time and peak RSS include importing torch; "
+              f"{os.cpu_count()} CPU cores, float32):", "",
+              "| ratio | calibration | method | wall s | peak RSS MB | linears on RTN fallback | W4A16 MB |",
+              "|---:|---|---|---:|---:|---:|---:|"]
+    for ratio, calib in cases:
+        for qm in QUANT:
+            run = runs[f"{_name('reap', ratio, calib)}+{qm}"]
+            fallback = str(run["rtn_fallback"]) if qm == "gptq" else "-"
+            lines.append(f"| {ratio:g} | {calib} | {qm.upper()} | {run['seconds']:.1f} | {run['peak_rss_mb']:.0f} | "
+                         f"{fallback} | {run['output_bytes'] / 1e6:.1f} |")
+
+    def span(xs: list[float]) -> str:
+        return f"{np.mean(xs):+.3f} nats on average (from {min(xs):+.3f} to {max(xs):+.3f})"
+
+    text = (f"What W4A16 costs over the pruned model (mean over the three domains): RTN {span(cost['rtn'])}, "
+            f"GPTQ {span(cost['gptq'])}, across the {n} (ratio, calibration) cases. GPTQ's loss is below RTN's on "
+            f"code in {wins['code']} of {n} cases and on tools in {wins['tools']} of {n} (prose {wins['prose']} of "
+            f"{n}, mean {wins['mean']} of {n}). ")
+    share = [x for d in removed for x in removed[d]]
+    if wins["code"] == n and wins["tools"] == n:
+        text += "So yes: GPTQ < RTN on code and on tools in every case."
+    elif wins["code"] + wins["tools"] == 0:
+        text += "So no: GPTQ is not below RTN on code or on tools in any case here."
+    else:
+        text += ("So not uniformly: GPTQ is at or above RTN on " + "; ".join(losses) + ".")
+    if share:
+        text += (f" Of the loss RTN adds on code and tools, GPTQ removes {100 * np.mean(share):.0f}% on average "
+                 f"(per cell from {100 * min(share):.0f}% to {100 * max(share):.0f}%; negative: GPTQ adds more).")
+    text += (" With code-only calibration, tools (and prose) are outside GPTQ's calibration data as they are outside "
+             "REAP's; with mixed calibration GPTQ sees all three domains.")
+    lines += ["", text]
     return lines
 
 

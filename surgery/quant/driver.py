@@ -105,20 +105,22 @@ def gptq_source(model: MoEModel, work: Path, group_size: int):
 
 def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 128, quantize_dense: bool = False,
              batch_size: int = 8, device: str = "auto", dtype: str = "auto", progress: bool = True,
-             memory_budget: int | None = None) -> dict:
-    """`surgery quantize --method gptq`: calibration data -> GPTQ layer by layer in WORK -> OUT."""
+             memory_budget: int | None = None, inputs=None) -> dict:
+    """`surgery quantize --method gptq`: calibration data -> GPTQ layer by layer in WORK -> OUT.
+    `inputs` (a `CalibrationInputs`: ids, mask and what identifies them) replaces `data` when given, for
+    callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file)."""
     from surgery.executor.calibrate import resolve_device, resolve_dtype
     from surgery.pipeline import DataOptions, calibration_inputs
     from surgery.quant.gptq import DAMP
     from surgery.quant.run import output_complete, write_quantized
 
-    data = data or DataOptions()
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
         targets = find_targets(model, quantize_dense)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev, model)
-        inputs = calibration_inputs(model_dir, data)
+        if inputs is None:
+            inputs = calibration_inputs(model_dir, data or DataOptions())
         identity = {"datasets": inputs.datasets, "data": inputs.settings, "batch_size": batch_size,
                     "dtype": str(dt).removeprefix("torch."), "damp": DAMP, "min_tokens": 2 * group_size,
                     "group_size": group_size, "quantize_dense": quantize_dense}

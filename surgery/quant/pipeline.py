@@ -10,7 +10,9 @@ from surgery.checkpoint.reader import Checkpoint
 def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int = 128,
              quantize_dense: bool = False, work: Path | None = None, data=None, batch_size: int = 8,
              device: str = "auto", dtype: str = "auto", progress: bool = True,
-             memory_budget: int | None = None) -> dict:
+             memory_budget: int | None = None, inputs=None) -> dict:
+    """`surgery quantize`. GPTQ calibrates on `data` (a `DataOptions`), or on `inputs` (a
+    `CalibrationInputs` of pre-tokenised ids and mask) when given."""
     from surgery.quant.run import rtn_source, write_quantized
 
     if method == "rtn":
@@ -22,4 +24,4 @@ def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int
     work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
     return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
                     batch_size=batch_size, device=device, dtype=dtype, progress=progress,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, inputs=inputs)
