@@ -99,17 +99,27 @@ def windows(path: Path, tokenizer, n_windows: int) -> np.ndarray:
 
 
 def _quantize_run(model_dir: str, out: str, method: str, work: str, inputs, batch_size: int) -> dict:
-    """One W4A16 quantization, in a fresh process: its wall time and peak RSS (imports included, as a
-    `surgery quantize` process would have) are this run's alone."""
+    """One W4A16 quantization, in a fresh process: its wall time (the `quantize` call) and peak RSS
+    (imports included, as a `surgery quantize` process would have) are this run's alone. Peak RSS is
+    VmHWM, this process image's own high-water mark: getrusage's ru_maxrss survives execve, so a spawned
+    child would report the parent's size at the fork."""
     from surgery.quant.pipeline import quantize
 
     t = time.perf_counter()
     summary = quantize(Path(model_dir), Path(out), method=method, group_size=GROUP, work=Path(work),
                        inputs=inputs, batch_size=batch_size, device="cpu", dtype="float32", progress=False)
     return {"seconds": time.perf_counter() - t,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": _vm_hwm_mb(),
             "rtn_fallback": int(summary.get("rtn_fallback", 0)), "output_bytes": int(summary["output_bytes"]),
             "load": os.getloadavg()[0]}
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise SystemExit("no VmHWM in /proc/self/status (peak RSS of a quantization needs Linux)")
 
 
 def quantize_in_child(*args) -> dict:
@@ -461,8 +471,9 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
                 removed[d].append((r[d] - g[d]) / (r[d] - p[d]))
         losses += [f"{d} at {ratio:g}/{calib} ({g[d]:.3f} vs {r[d]:.3f})" for d in ("code", "tools") if g[d] >= r[d]]
     n = len(cases)
-    lines += ["", "Quantization runs (each in a fresh process: wall time and peak RSS include importing torch; "
-              f"{os.cpu_count()} CPU cores, float32):", "",
+    lines += ["", "Quantization runs, each in a fresh process (wall s: the `quantize` call, writing the W4A16 "
+              "checkpoint included; peak RSS: the process's high-water mark, importing torch included; "
+              f"{os.cpu_count()} CPU cores, float32, batch size 16):", "",
               "| ratio | calibration | method | wall s | peak RSS MB | linears on RTN fallback | W4A16 MB |",
               "|---:|---|---|---:|---:|---:|---:|"]
     for ratio, calib in cases:
