@@ -316,8 +316,10 @@ def test_memory_budget_sizes_parse():
 
 
 def refusal(exc_text: str) -> int:
-    """The bytes the refusal says are needed ('needs N MB', 'needs at least N GB')."""
-    m = re.search(r"needs?(?: at least)? (\d+(?:\.\d+)?) ?([MG])B", exc_text)
+    """The bytes the refusal says are needed: the budget it names ('raise --memory-budget to at least N
+    MB'), else what it says one expert needs ('needs N MB')."""
+    m = re.search(r"to at least (\d+(?:\.\d+)?) ?([MG])B", exc_text) or \
+        re.search(r"needs?(?: at least)? (\d+(?:\.\d+)?) ?([MG])B", exc_text)
     assert m, exc_text
     return int(float(m.group(1)) * (10**6 if m.group(2) == "M" else 10**9))
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from surgery.arch.model import MoEModel
+from surgery.arch.table import TABLE
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
@@ -44,9 +45,21 @@ KeySet = tuple[str, float]
 
 
 # ---------------------------------------------------------------------------------------------- routing
+_ROUTER_NAMES = tuple(dict.fromkeys(spec.router_module for spec in TABLE))  # "gate", "router" (gpt-oss)
+
+
+def router_of(block: nn.Module) -> nn.Module:
+    """The MoE block's router module, by the attribute names the architecture table gives."""
+    for name in _ROUTER_NAMES:
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Module):
+            return router
+    raise SurgeryError(f"{type(block).__name__} has no router module (looked for {', '.join(_ROUTER_NAMES)})")
+
+
 def _wants_block_bias(block: nn.Module) -> bool:
     """MiniMax-M2 keeps e_score_correction_bias on the block and passes it to the router."""
-    return "e_score_correction_bias" in inspect.signature(block.gate.forward).parameters
+    return "e_score_correction_bias" in inspect.signature(router_of(block).forward).parameters
 
 
 def _route(block: nn.Module, gate: nn.Module, x: torch.Tensor, block_bias: torch.Tensor | None):
@@ -56,29 +69,39 @@ def _route(block: nn.Module, gate: nn.Module, x: torch.Tensor, block_bias: torch
 
 
 def sliced_router(block: nn.Module, keep: list[int]) -> tuple[nn.Module, torch.Tensor | None]:
-    """A copy of `block.gate` that knows only the experts `keep` (sorted: new id = position), as the
-    rewritten checkpoint's router: every parameter or buffer with one row per expert is sliced and
-    `num_experts` follows. Returns (router, the block-level bias sliced, if the router takes one).
-    The block and its router are not modified; expert weights are not copied."""
-    gate = block.gate
+    """A copy of the block's router that knows only the experts `keep` (sorted: new id = position), as
+    the rewritten checkpoint's router: every parameter or buffer with one row per expert is sliced (and
+    a `[1, E]` one, ERNIE-4.5's `moe_statics.e_score_correction_bias`, along its experts axis, in the
+    router's submodules too) and `num_experts` follows. Returns (router, the block-level bias sliced,
+    if the router takes one). The block and its router are not modified; expert weights are not copied."""
+    gate = router_of(block)
     num = gate.weight.shape[0]
     idx = torch.as_tensor(sorted(keep), dtype=torch.long, device=gate.weight.device)
     if idx.numel() == 0 or len(set(idx.tolist())) != idx.numel() or int(idx.min()) < 0 or int(idx.max()) >= num:
         raise SurgeryError(f"keep set must be distinct expert ids in 0..{num - 1}, got {list(keep)[:8]}...")
 
     def cut(t):
-        return t.index_select(0, idx) if t is not None and t.ndim and t.shape[0] == num else t
+        if t is None or not t.ndim:
+            return t
+        if t.shape[0] == num:
+            return t.index_select(0, idx)
+        if t.ndim == 2 and t.shape[0] == 1 and t.shape[1] == num:
+            return t.index_select(1, idx)
+        return t
 
-    new = copy.copy(gate)  # shares nothing mutable below: the registries are replaced
-    new.__dict__["_parameters"] = {n: (nn.Parameter(cut(p.data), requires_grad=False) if p is not None else None)
-                                   for n, p in gate._parameters.items()}
-    new.__dict__["_buffers"] = {n: cut(b) for n, b in gate._buffers.items()}
-    new.__dict__["_modules"] = dict(gate._modules)
-    for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
-        if isinstance(getattr(gate, attr, None), int):
-            setattr(new, attr, idx.numel())
+    def sliced(module: nn.Module) -> nn.Module:
+        new = copy.copy(module)  # shares nothing mutable below: the registries are replaced
+        new.__dict__["_parameters"] = {n: (nn.Parameter(cut(p.data), requires_grad=False) if p is not None else None)
+                                       for n, p in module._parameters.items()}
+        new.__dict__["_buffers"] = {n: cut(b) for n, b in module._buffers.items()}
+        new.__dict__["_modules"] = {n: (sliced(m) if m is not None else None) for n, m in module._modules.items()}
+        for attr in ("num_experts", "n_routed_experts", "num_local_experts"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(new, attr, idx.numel())
+        return new
+
     bias = cut(block.e_score_correction_bias) if _wants_block_bias(block) else None
-    return new, bias
+    return sliced(gate), bias
 
 
 def _by_expert(index: torch.Tensor, weights: torch.Tensor, num: int):
@@ -124,7 +147,7 @@ def routed_outputs(experts: nn.Module, x: torch.Tensor, routings: list[tuple[tor
 def _routings(block: nn.Module, x: torch.Tensor, keep_sets: dict[KeySet, list[int]]):
     """The block's own routing of x, then each keep set's (as the pruned checkpoint's router routes)."""
     full_bias = block.e_score_correction_bias if _wants_block_bias(block) else None
-    routings = [_route(block, block.gate, x, full_bias)]
+    routings = [_route(block, router_of(block), x, full_bias)]
     for keep in keep_sets.values():
         ids = torch.as_tensor(sorted(keep), dtype=torch.long, device=x.device)
         gate, bias = sliced_router(block, sorted(keep))
@@ -152,7 +175,7 @@ def layer_fidelity(block: nn.Module, x: torch.Tensor, keep_sets: dict[KeySet, li
     "ref_sq", "tokens"}} where rel_error = ‖y − y_pruned‖ / ‖y‖ of the routed output over all tokens.
     The squared sums are returned too so batches can be added up (`combine`)."""
     x = x.reshape(-1, x.shape[-1])
-    num = block.gate.weight.shape[0]
+    num = router_of(block).weight.shape[0]
     outs = routed_outputs(block.experts, x, _routings(block, x, keep_sets), num)
     return _errors(list(keep_sets), outs, int(x.shape[0]))
 
@@ -192,7 +215,7 @@ class FidelityPass(LayerPass):
 class _FidelityListener(ExpertListener):
     def __init__(self, block: nn.Module, keep_sets: dict[KeySet, list[int]]) -> None:
         self.block, self.keep_sets = block, keep_sets
-        self.num = block.gate.weight.shape[0]
+        self.num = router_of(block).weight.shape[0]
         self.batches: list[tuple[_Routed, int]] = []
 
     @torch.no_grad()
