@@ -48,6 +48,7 @@ from surgery.faults import checkpoint as crash_point
 Reader = Callable[[Batch, int], torch.Tensor]
 RESIDENT_MAX = 256 << 20  # float bytes of a layer's experts up to which they are built all at once
 BUILD = 1  # experts dequantised at a time when streaming (each reads its float weights from cache)
+READ_MAX = 512 << 20  # stored bytes of one streamed chunk at most
 
 
 class LayerPass:
@@ -380,7 +381,7 @@ class LayerEngine:
             per_chunk, group = self._plan(store, batches, mask, passes, layer)
             self.chunks[layer] = per_chunk
             experts = list(range(store.num_experts))
-            if per_chunk >= store.num_experts and not any(p.needs_capture for p in passes):
+            if group == 0:  # every expert built at once, computed inside one pass over the batches
                 runner.weights = store.load_all(self.staging, self.buffers, self.opts.prefetch)
                 self._track()
                 self.stream.run_batches(layer, module, batches, mask, read, write, advance, runner,
@@ -437,6 +438,8 @@ class LayerEngine:
         capture = any(p.needs_capture for p in passes)
         if self.opts.experts_per_chunk:
             per = min(self.opts.experts_per_chunk, store.num_experts)
+            if per >= store.num_experts and not capture:
+                return per, 0
             return per, tokens if capture else (self.opts.tokens_per_group or tokens)
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         item = torch.empty((), dtype=self.dtype).element_size()
@@ -479,7 +482,8 @@ class LayerEngine:
                                                  for part in _groups(batches, mask, group))) * per_token
         n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
                        self.model.ckpt.directory, BUILD, self.budget.total if self.budget.given else None)
-        return n, group
+        # reads beyond ~512 MB buy no speed (one token group streams every chunk once either way)
+        return min(n, max(1, READ_MAX // max(raw, 1))), group
 
 
 class _Valid:
