@@ -19,8 +19,15 @@ import torch
 from torch import nn
 
 from surgery.arch.model import MoEModel
-from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size, dequantize
-from surgery.checkpoint.w4a16 import QWEIGHT, check_readable, is_packed_part, logical_shape, read_packed_weight
+from surgery.checkpoint.fp8 import SCALE_SUFFIX, read_weight
+from surgery.checkpoint.w4a16 import (
+    QWEIGHT,
+    check_readable,
+    is_packed_part,
+    logical_shape,
+    read_packed_weight,
+    weight_shape,
+)
 from surgery.errors import SurgeryError
 
 
@@ -107,19 +114,15 @@ class LayerFactory:
         ckpt = self.model.ckpt
         if name.endswith("." + QWEIGHT):
             return read_packed_weight(ckpt, _weight_name(name), self.dtype, self.device)
-        tensor = ckpt.read(name)
         scale_name = name.removesuffix("weight") + SCALE_SUFFIX
-        if name.endswith("weight") and scale_name in present:
-            scale = ckpt.read(scale_name)
-            tensor = dequantize(tensor, scale, block_size(ckpt.config, tensor.shape, scale.shape))
-        return tensor
+        return read_weight(ckpt, name, scale_name if name.endswith("weight") and scale_name in present else None)
 
     def _fuse(self, experts: dict[int, dict[str, str]], ids: list[int], roles: tuple[str, ...],
               present: set[str]) -> torch.Tensor:
         """Stack the per-expert tensors of `roles` (concatenated on dim 0) into one [E, ...] tensor,
         filled in place one expert at a time, so a layer's experts are never held twice."""
         ckpt = self.model.ckpt
-        shapes = [_stored_shape(ckpt, experts[ids[0]][r]) for r in roles]
+        shapes = [weight_shape(ckpt, experts[ids[0]][r]) for r in roles]
         rows = sum(s[0] for s in shapes)
         fused = torch.empty((len(ids), rows, *shapes[0][1:]), dtype=self.dtype)
         for e in ids:
@@ -242,7 +245,3 @@ def _weight_name(name: str) -> str:
     """`X.weight` for a packed `X.qweight` (the name transformers' module and the table know), else `name`."""
     return name.removesuffix(QWEIGHT) + "weight" if name.endswith("." + QWEIGHT) else name
 
-
-def _stored_shape(ckpt, name: str) -> tuple[int, ...]:
-    """The [out, in] a tensor holds once read: a packed qweight's logical weight, else its shape."""
-    return logical_shape(ckpt.info(name).shape) if name.endswith("." + QWEIGHT) else tuple(ckpt.info(name).shape)

@@ -23,6 +23,15 @@ def block_size(config: dict, weight_shape: tuple[int, ...], scale_shape: tuple[i
     return math.ceil(weight_shape[0] / scale_shape[0]), math.ceil(weight_shape[1] / scale_shape[1])
 
 
+def read_weight(ckpt, name: str, scale_name: str | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Tensor `name` of a checkpoint as stored, or, with its `scale_name`, dequantised into `dtype`."""
+    w = ckpt.read(name)
+    if scale_name is None:
+        return w
+    s = ckpt.read(scale_name)
+    return dequantize(w, s, block_size(ckpt.config, tuple(w.shape), tuple(s.shape)), dtype)
+
+
 def dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     rows, cols = weight.shape

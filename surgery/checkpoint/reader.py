@@ -289,14 +289,8 @@ class Checkpoint:
         """Read `length` bytes of a tensor starting `start` bytes into it (all of it by default)."""
         length = info.nbytes - start if length is None else length
         buf = bytearray(length)
-        view = memoryview(buf)
-        fd, pos, done = self._fd(info.shard), info.begin + start, 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise SurgeryError(f"unexpected end of file reading tensor {info.name!r}",
-                                   self.shards[info.shard].path)
-            done += n
+        self._pread_all(self._fd(info.shard), memoryview(buf), info.begin + start, info.shard,
+                        what=f"tensor {info.name!r}")
         return buf
 
     def _direct_fd(self, shard: str) -> int | None:
@@ -335,27 +329,15 @@ class Checkpoint:
         self._pread_all(self._fd(shard), view[:length], begin, shard)
         return 0
 
-    def _pread_all(self, fd: int, view: memoryview, pos: int, shard: str, allow_eof: bool = False) -> None:
+    def _pread_all(self, fd: int, view: memoryview, pos: int, shard: str, allow_eof: bool = False,
+                   what: str = "tensor data") -> None:
         done, length = 0, len(view)
         while done < length:
             n = os.preadv(fd, [view[done:]], pos + done)
             if n <= 0:
                 if allow_eof and done:
                     return  # the aligned span ran past the end of the file
-                raise SurgeryError("unexpected end of file reading tensor data", self.shards[shard].path)
-            done += n
-
-    def read_into(self, info: TensorInfo, out, start: int = 0) -> None:
-        """Read `out.numel()` bytes of a tensor, `start` bytes into it, straight into the uint8 tensor
-        `out` (a reused, possibly pinned, staging buffer): no allocation, no copy."""
-        view = memoryview(out.numpy()).cast("B")
-        length = len(view)
-        fd, pos, done = self._fd(info.shard), info.begin + start, 0
-        while done < length:
-            n = os.preadv(fd, [view[done:]], pos + done)
-            if n <= 0:
-                raise SurgeryError(f"unexpected end of file reading tensor {info.name!r}",
-                                   self.shards[info.shard].path)
+                raise SurgeryError(f"unexpected end of file reading {what}", self.shards[shard].path)
             done += n
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:

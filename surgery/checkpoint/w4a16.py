@@ -81,6 +81,12 @@ def logical_shape(qweight_shape) -> tuple[int, int]:
     return int(qweight_shape[1]), int(qweight_shape[0]) * PACK
 
 
+def weight_shape(ckpt, name: str) -> tuple[int, ...]:
+    """The shape tensor `name` holds once read: a packed qweight's [out, in] weight, else its own."""
+    shape = ckpt.info(name).shape
+    return logical_shape(shape) if is_packed(name) else tuple(shape)
+
+
 def is_packed(name: str) -> bool:
     """True for the `qweight` of a packed linear (its qzeros/scales are read with it)."""
     return name.endswith("." + QWEIGHT)

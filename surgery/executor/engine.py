@@ -388,8 +388,7 @@ class LayerEngine:
                                         self._should_stop, scored, overlap_io)
                 return
             done = 0
-            capture = any(p.needs_capture for p in passes)
-            for part in ([list(batches)] if capture else _groups(batches, mask, group)):
+            for part in _groups(batches, mask, group):
                 inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in part}
                 held = _held(inputs)
                 runner.capture()
@@ -436,11 +435,13 @@ class LayerEngine:
         self._track()
         tokens = int(mask.sum())
         capture = any(p.needs_capture for p in passes)
+        sizes = [_padded(b, mask) for b in batches]  # positions as captured
+        held_tokens = sum(sizes)  # a group this large holds every batch (a capture pass needs that)
         if self.opts.experts_per_chunk:
             per = min(self.opts.experts_per_chunk, store.num_experts)
             if per >= store.num_experts and not capture:
                 return per, 0
-            return per, tokens if capture else (self.opts.tokens_per_group or tokens)
+            return per, held_tokens if capture else (self.opts.tokens_per_group or tokens)
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         item = torch.empty((), dtype=self.dtype).element_size()
         act = max((_activation_bytes(self.factory.config, b, mask, hidden, item) for b in batches), default=0)
@@ -466,8 +467,6 @@ class LayerEngine:
             return e, 0
         # paging: a group of captured tokens (layer input, MoE input, routed output) takes up to a quarter
         per_token = 4 * hidden * item
-        sizes = [(b[1] - b[0]) * real_length(mask[b[0]:b[1]]) for b in batches]  # padded, as captured
-        held_tokens = sum(sizes)
         # a quarter of what is free, or less when that would leave no room for one expert (at least a batch)
         one = BUILD * compute + (0 if on_device else 2 * raw)
         room = max(min(free_dev // 4, free_dev - act - one), 0) // per_token
@@ -478,8 +477,7 @@ class LayerEngine:
                                "leaves room for "
                                f"{group}; raise --memory-budget or calibrate on fewer tokens",
                                self.model.ckpt.directory)
-        held = (held_tokens if capture else max(sum((e - s) * real_length(mask[s:e]) for s, e in part)
-                                                 for part in _groups(batches, mask, group))) * per_token
+        held = max(sum(_padded(b, mask) for b in part) for part in _groups(batches, mask, group)) * per_token
         n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
                        self.model.ckpt.directory, BUILD, self.budget.total if self.budget.given else None)
         # reads beyond ~512 MB buy no speed (one token group streams every chunk once either way)
@@ -510,7 +508,7 @@ def _groups(batches: Sequence[Batch], mask: np.ndarray, tokens: int) -> list[lis
     """Consecutive batches holding about `tokens` real-length positions each (at least one batch)."""
     out, part, held = [], [], 0
     for b in batches:
-        n = (b[1] - b[0]) * real_length(mask[b[0]:b[1]])
+        n = _padded(b, mask)
         if part and held + n > tokens:
             out.append(part)
             part, held = [], 0
@@ -519,6 +517,11 @@ def _groups(batches: Sequence[Batch], mask: np.ndarray, tokens: int) -> list[lis
     if part:
         out.append(part)
     return out
+
+
+def _padded(batch: Batch, mask: np.ndarray) -> int:
+    """Positions of a batch as it runs and is captured: rows x its longest real length."""
+    return (batch[1] - batch[0]) * real_length(mask[batch[0]:batch[1]])
 
 
 def _activation_bytes(config, batch: Batch, mask: np.ndarray, hidden: int, item: int) -> int:

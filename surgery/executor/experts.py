@@ -37,7 +37,7 @@ from torch import nn
 
 from surgery.checkpoint.fp8 import SCALE_SUFFIX, block_size
 from surgery.checkpoint.reader import PAGE
-from surgery.checkpoint.w4a16 import QWEIGHT, QZEROS, SCALES, dequantize_w4a16_into, group_size_of, logical_shape
+from surgery.checkpoint.w4a16 import QWEIGHT, QZEROS, SCALES, dequantize_w4a16_into, group_size_of, weight_shape
 from surgery.errors import SurgeryError
 
 GAP = 1 << 20  # bytes between two tensors below which one read covers both
@@ -122,9 +122,9 @@ class ExpertStore:
                         else:
                             scale = name.removesuffix("weight") + SCALE_SUFFIX
                             pieces.append(Piece(name, row, scale if scale in ckpt else None))
-                        row += self._shape(pieces[-1])[0]
+                        row += weight_shape(self.ckpt, pieces[-1].name)[0]
                     per_expert.append(tuple(pieces))
-                first = self._shape(per_expert[0][0])
+                first = weight_shape(self.ckpt, per_expert[0][0].name)
                 out.append(ParamLayout(param, (row, *first[1:]), tuple(per_expert)))
             return out
         # experts fused on disk (gpt-oss): in-memory name = the disk name under the experts module
@@ -143,11 +143,6 @@ class ExpertStore:
                 raise SurgeryError(f"W4A16 expert tensor {qweight!r} has no {stem + part!r} beside it",
                                    self.ckpt.directory)
         return stem + QZEROS, stem + SCALES
-
-    def _shape(self, piece: Piece) -> tuple[int, ...]:
-        """The [out, in] the piece fills (a qweight [in/8, out] holds the weight [out, in])."""
-        shape = self.ckpt.info(piece.name).shape
-        return logical_shape(shape) if piece.packed else tuple(shape)
 
     # ---------------------------------------------------------------- sizes
     def raw_bytes(self, expert: int = 0) -> int:
@@ -382,14 +377,11 @@ def dequantize_into(dst: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Te
     a [rows/b, b, cols/b, b] view; partial edge blocks get the same broadcast on their strips."""
     scale = scale_inv.float()
     if dst.device.type == "cpu" and _fast_e4m3(weight, scale):
-        if dst.dtype == torch.float32:
-            _e4m3_bits_to(dst, weight)
-            _mul_blocks(dst, scale * _E4M3_OFFSET, block)
-            return
-        tmp = _scratch("f32", weight.shape, torch.float32)
-        _e4m3_bits_to(tmp, weight)
-        _mul_blocks(tmp, scale * _E4M3_OFFSET, block)
-        dst.copy_(tmp)
+        work = dst if dst.dtype == torch.float32 else _scratch("f32", weight.shape, torch.float32)
+        _e4m3_bits_to(work, weight)
+        _mul_blocks(work, scale * _E4M3_OFFSET, block)
+        if work is not dst:
+            dst.copy_(work)
         return
     dst.copy_(weight)
     _mul_blocks(dst, scale, block)

@@ -73,8 +73,7 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
         return sum(journal.fallback.values())
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
                                                                     crash_prefix="gptq."))
-    engine.walk([gp], ids, mask, batches, start, journal)
-    journal.commit(model.num_layers)
+    engine.walk([gp], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
     return sum(journal.fallback.values())
 
 

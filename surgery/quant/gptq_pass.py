@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from surgery.arch.model import MoEModel
-from surgery.checkpoint.fp8 import block_size, dequantize
+from surgery.checkpoint.fp8 import read_weight
 from surgery.checkpoint.w4a16 import dequantize_w4a16
 from surgery.checkpoint.writer import SafetensorsWriter, TensorEntry
 from surgery.errors import SurgeryError
@@ -148,7 +148,7 @@ class GPTQPass(LayerPass):
             if t.kind == "expert":
                 continue
             lin = module.get_submodule(memory_path(self.model, t))
-            decoded = self._quantize(t, self._weight(t), self._hess.get(t.name), 1)
+            decoded = self._quantize(t, read_weight(self.model.ckpt, t.name, t.scale), self._hess.get(t.name), 1)
             lin.weight.data.copy_(decoded.to(lin.weight.device, lin.weight.dtype))
         self._hess.clear()
 
@@ -189,12 +189,3 @@ class GPTQPass(LayerPass):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    # ---------------------------------------------------------------- weights
-    def _weight(self, t: Target) -> torch.Tensor:
-        ckpt = self.model.ckpt
-        w = ckpt.read(t.name)
-        if t.scale is not None:
-            s = ckpt.read(t.scale)
-            w = dequantize(w, s, block_size(ckpt.config, tuple(w.shape), tuple(s.shape)))
-        return w

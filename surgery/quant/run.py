@@ -161,13 +161,11 @@ def _dequantizer(ckpt: Checkpoint, targets):
     """An FP8 weight kept unquantized, dequantised into the output's compute dtype."""
     import torch
 
-    from surgery.checkpoint.fp8 import block_size, dequantize
+    from surgery.checkpoint.fp8 import read_weight
 
     def run(t: QTensor):
-        w = ckpt.read(t.source.name)
-        s = ckpt.read(targets.fp8_dequant[t.source.name])
         dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[t.entry.dtype]
-        return dequantize(w, s, block_size(ckpt.config, tuple(w.shape), tuple(s.shape)), dtype)
+        return read_weight(ckpt, t.source.name, targets.fp8_dequant[t.source.name], dtype)
 
     return run
 
@@ -287,15 +285,11 @@ def _write_all(ckpt: Checkpoint, shards: list[QShard], out_dir: Path, manifest: 
 
 def rtn_source(ckpt: Checkpoint, group_size: int) -> Source:
     """Quantized tensors computed from the weight as the writer reaches it (AutoRound's RTN)."""
-    from surgery.checkpoint.fp8 import block_size, dequantize
+    from surgery.checkpoint.fp8 import read_weight
     from surgery.quant.pack import pack
     from surgery.quant.rtn import rtn_quantize
 
     def run(t: Target) -> dict:
-        w = ckpt.read(t.name)
-        if t.scale is not None:
-            s = ckpt.read(t.scale)
-            w = dequantize(w, s, block_size(ckpt.config, tuple(w.shape), tuple(s.shape)))
-        return pack(*rtn_quantize(w, group_size))
+        return pack(*rtn_quantize(read_weight(ckpt, t.name, t.scale), group_size))
 
     return run
