@@ -161,18 +161,22 @@ class ChunkPlan:
 
 def plan_chunk(free_compute: int, free_host: int, expert_compute: int, expert_raw: int, num_experts: int,
                activations: int, on_device: bool, where: object = None, build: int = 1,
-               budget_total: int | None = None) -> int:
+               budget_total: int | None = None, batched: bool = False) -> int:
     """Experts per chunk read from disk: two staging halves of raw bytes (the chunk being computed and
     the one read ahead) on the host, plus the compute buffers of the `build` experts dequantised at
     once where the compute runs (on the CPU both are host memory). A chunk is dequantised `build`
-    experts at a time, so the budget buys larger reads, not more float copies of weights."""
-    fixed = build * expert_compute + activations
-    if on_device:
+    experts at a time, so the budget buys larger reads, not more float copies of weights; `batched`:
+    every expert of a chunk is built at once (a pass that works across experts), so each one costs its
+    compute buffer (`expert_compute`, with what the pass holds per expert) as well."""
+    fixed = (0 if batched else build * expert_compute) + activations
+    if on_device and batched:
+        n = min(free_host // max(2 * expert_raw, 1), max(free_compute - fixed, 0) // max(expert_compute, 1))
+    elif on_device:
         n = free_host // max(2 * expert_raw, 1) if free_compute >= fixed else 0
     else:
-        n = (free_host - fixed) // max(2 * expert_raw, 1)
+        n = (free_host - fixed) // max(2 * expert_raw + (expert_compute if batched else 0), 1)
     if n < 1:
-        need = fixed + 2 * expert_raw
+        need = fixed + 2 * expert_raw + (expert_compute if batched else 0)
         short = need - min(free_host, free_compute)
         to = f" to at least {(budget_total + short) / 1e6 * 1.02 + 1:.0f} MB" if budget_total else ""
         raise SurgeryError(f"the memory budget leaves {max(min(free_host, free_compute), 0) / 1e6:.0f} MB for "

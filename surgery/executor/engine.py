@@ -63,6 +63,9 @@ class LayerPass:
     # the routed experts must be computed over captured tokens, all of the layer's in one group (a pass
     # that needs every token's statistics before it changes an expert's weights)
     needs_capture: bool = False
+    # every expert of a chunk is built at once and handed to `chunk` together (a pass that works on a
+    # batch of experts, e.g. GPTQ across experts); otherwise `BUILD` at a time on the CPU
+    batch_experts: bool = False
 
     def prepare(self, layer: int, module: nn.Module) -> object | None:
         return None
@@ -79,6 +82,11 @@ class LayerPass:
 
     def extra_bytes(self, layer: int) -> int:
         """Memory the pass holds while one group of routed experts is built (planned into the budget)."""
+        return 0
+
+    def expert_bytes(self, layer: int) -> int:
+        """Memory the pass holds per expert built at once (e.g. GPTQ's Hessians), planned into the
+        budget for every expert of a build, so it bounds how many experts are batched."""
         return 0
 
     def end_layer(self, layer: int) -> None:
@@ -378,7 +386,7 @@ class LayerEngine:
             runner.mode = "resident"
             for p in passes:
                 runner.listeners.extend(p.listeners(layer, block, runner))
-            per_chunk, group = self._plan(store, batches, mask, passes, layer)
+            per_chunk, group, build = self._plan(store, batches, mask, passes, layer)
             self.chunks[layer] = per_chunk
             experts = list(range(store.num_experts))
             if group == 0:  # every expert built at once, computed inside one pass over the batches
@@ -395,7 +403,7 @@ class LayerEngine:
                 self.stream.run_batches(layer, module, part, mask, held, lambda b, y: None, lambda n: None, runner,
                                         None, scored, first_index=None)
                 for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch,
-                                                 BUILD):
+                                                 build):
                     for p in passes:
                         p.chunk(layer, store, ids, weights, runner.captured)
                     runner.compute(ids, weights, runner.captured, ids[0])
@@ -427,25 +435,28 @@ class LayerEngine:
         self.peak_anon = max(self.peak_anon, rss_anon())
 
     def _plan(self, store, batches: Sequence[Batch], mask: np.ndarray, passes: Sequence[LayerPass] = (),
-              layer: int = 0) -> tuple[int, int]:
-        """(experts per chunk, tokens per captured group) for this layer under the budget, measured
-        after its resident part is loaded. Staging and chunk buffers kept from earlier layers are
-        reused, so what they hold counts as free; the next layer's resident part, being read
-        meanwhile, does not."""
+              layer: int = 0) -> tuple[int, int, int]:
+        """(experts per chunk, tokens per captured group, experts built at once) for this layer under
+        the budget, measured after its resident part is loaded. Staging and chunk buffers kept from
+        earlier layers are reused, so what they hold counts as free; the next layer's resident part,
+        being read meanwhile, does not."""
         self._track()
         tokens = int(mask.sum())
         capture = any(p.needs_capture for p in passes)
+        batched = any(p.batch_experts for p in passes)
         sizes = [_padded(b, mask) for b in batches]  # positions as captured
         held_tokens = sum(sizes)  # a group this large holds every batch (a capture pass needs that)
         if self.opts.experts_per_chunk:
             per = min(self.opts.experts_per_chunk, store.num_experts)
+            build = per if batched else BUILD
             if per >= store.num_experts and not capture:
-                return per, 0
-            return per, held_tokens if capture else (self.opts.tokens_per_group or tokens)
+                return per, 0, build
+            return per, held_tokens if capture else (self.opts.tokens_per_group or tokens), build
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         item = torch.empty((), dtype=self.dtype).element_size()
         act = max((_activation_bytes(self.factory.config, b, mask, hidden, item) for b in batches), default=0)
         act += sum(p.extra_bytes(layer) for p in passes)
+        per_expert = sum(p.expert_bytes(layer) for p in passes)
         on_device = self.device.type == "cuda"
         free_host = self.budget.host_free() + self.staging.nbytes() - self.factory.pending_bytes()
         if on_device:
@@ -462,13 +473,13 @@ class LayerEngine:
         # back (measured: MiniMax-M2 shapes, 2 cores)
         small = e * compute <= RESIDENT_MAX and not capture
         if small and on_device and e * compute + act <= free_dev and staging <= free_host:
-            return e, 0
+            return e, 0, e
         if small and not on_device and e * compute + act + staging <= free_host:
-            return e, 0
+            return e, 0, e
         # paging: a group of captured tokens (layer input, MoE input, routed output) takes up to a quarter
         per_token = 4 * hidden * item
         # a quarter of what is free, or less when that would leave no room for one expert (at least a batch)
-        one = BUILD * compute + (0 if on_device else 2 * raw)
+        one = BUILD * (compute + per_expert) + (0 if on_device else 2 * raw)
         room = max(min(free_dev // 4, free_dev - act - one), 0) // per_token
         group = max(1, min(held_tokens if capture else tokens, max(room, max(sizes, default=1))))
         if capture and group < held_tokens:
@@ -478,10 +489,12 @@ class LayerEngine:
                                f"{group}; raise --memory-budget or calibrate on fewer tokens",
                                self.model.ckpt.directory)
         held = max(sum(_padded(b, mask) for b in part) for part in _groups(batches, mask, group)) * per_token
-        n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute, raw, e, act, on_device,
-                       self.model.ckpt.directory, BUILD, self.budget.total if self.budget.given else None)
+        n = plan_chunk(free_dev - held, free_host - (0 if on_device else held), compute + per_expert, raw, e, act,
+                       on_device, self.model.ckpt.directory, BUILD, self.budget.total if self.budget.given else None,
+                       batched)
         # reads beyond ~512 MB buy no speed (one token group streams every chunk once either way)
-        return min(n, max(1, READ_MAX // max(raw, 1))), group
+        n = min(n, max(1, READ_MAX // max(raw, 1)))
+        return n, group, n if batched else BUILD
 
 
 class _Valid:
