@@ -69,8 +69,8 @@ def wait(proc: subprocess.Popen, timeout: float = 600) -> Done:
     return Done(proc.pid, proc.returncode, out, err)
 
 
-def run(args: list, **hooks: str) -> Done:
-    return wait(start(args, **hooks))
+def run(args: list, timeout: float = 600, **hooks: str) -> Done:
+    return wait(start(args, **hooks), timeout)
 
 
 def snapshot(*dirs: Path) -> dict[str, str]:

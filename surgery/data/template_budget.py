@@ -175,6 +175,7 @@ def _binop_size(budget: _Budget, op: str, left: Any, right: Any) -> None:
 
 def _call_size(budget: _Budget, obj: Any, args: tuple, kwargs: dict) -> int | None:
     """The most characters a call of a known amplifier can return; None for anything else."""
+    obj = getattr(obj, "__wrapped__", obj)  # the sandbox hands out str.format wrapped
     owner = getattr(obj, "__self__", None)
     name = getattr(obj, "__name__", "")
     if obj is generate_lorem_ipsum:
