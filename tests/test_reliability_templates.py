@@ -47,15 +47,20 @@ def conversations() -> list[tuple[list, list | None]]:
     return out
 
 
-def real_templates() -> list[Path]:
-    return sorted(TEMPLATES.glob("*.jinja"))
+def templates() -> dict[str, str]:
+    """Real models' templates, and the two surgery ships (previews without a model, the demo model)."""
+    from surgery.data.tokenizer import CHATML_TEMPLATE
+    from surgery.synth import DEMO_CHAT_TEMPLATE
+
+    return {**{p.stem: p.read_text() for p in sorted(TEMPLATES.glob("*.jinja"))},
+            "surgery-chatml": CHATML_TEMPLATE, "surgery-demo": DEMO_CHAT_TEMPLATE}
 
 
-@pytest.mark.parametrize("path", real_templates(), ids=lambda p: p.stem)
-def test_real_templates_render_exactly_as_transformers_renders_them(path):
+@pytest.mark.parametrize("name", list(templates()))
+def test_real_templates_render_exactly_as_transformers_renders_them(name):
     from transformers.utils import chat_template_utils
 
-    text = path.read_text()
+    text = templates()[name]
     plain, bounded = chat_template_utils._cached_compile_jinja_template(text), tb.compile_bounded(text)
     rendered = 0
     for messages, tools in conversations():
@@ -67,9 +72,9 @@ def test_real_templates_render_exactly_as_transformers_renders_them(path):
                     results.append(template.render(**kwargs))
                 except Exception as exc:  # noqa: BLE001 - templates refuse some conversations; both must agree
                     results.append(f"{type(exc).__name__}: {exc}")
-            assert results[0] == results[1], (path.name, messages)
+            assert results[0] == results[1], (name, messages)
             rendered += not results[0].startswith(("TemplateError", "TypeError", "UndefinedError"))
-    assert rendered >= 10, f"{path.name} rendered only {rendered} conversations"
+    assert rendered >= 10, f"{name} rendered only {rendered} conversations"
 
 
 def test_install_routes_transformers_through_the_bounds():
