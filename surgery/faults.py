@@ -33,6 +33,21 @@ def checkpoint(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+_lock_delayed = False
+
+
+def lock_taken() -> None:
+    """`SURGERY_TEST_LOCK_DELAY=<seconds>` waits that long after the process takes its first directory lock,
+    so a race test's second process surely finds the lock held (however short the first one's work)."""
+    global _lock_delayed
+    seconds = os.environ.get("SURGERY_TEST_LOCK_DELAY")
+    if seconds and not _lock_delayed:
+        import time
+
+        _lock_delayed = True
+        time.sleep(float(seconds))
+
+
 def delay() -> None:
     """`SURGERY_TEST_BATCH_DELAY=<seconds>` slows every batch, so a signal test can land mid-run."""
     seconds = os.environ.get("SURGERY_TEST_BATCH_DELAY")

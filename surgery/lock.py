@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from surgery.errors import SurgeryError
+from surgery.faults import lock_taken
 
 LOCK_NAME = ".surgery.lock"
 
@@ -109,6 +110,7 @@ def _take(directory: Path, key: tuple[int, int]) -> _Held | None:
         os.close(fd)
         return None
     _write_holder(fd)
+    lock_taken()  # a test hook (surgery.faults); nothing when unset
     return _Held(key, fd, path)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TEXT = REPO / "tests" / "data" / "text.jsonl"
 HOOKS = ("SURGERY_DIE_AT", "SURGERY_DIE_AFTER", "SURGERY_FAULT_TRACE", "SURGERY_TEST_SLOW_WRITE",
-         "SURGERY_TEST_BATCH_DELAY", "SURGERY_TEST_FREE_BYTES")
+         "SURGERY_TEST_BATCH_DELAY", "SURGERY_TEST_FREE_BYTES", "SURGERY_TEST_LOCK_DELAY")
 DATA = ["--dataset", str(TEXT), "--samples", "8", "--max-length", "64", "--batch-size", "2"]
 # Files a finished run writes that hold timings (not results): left out of the comparisons.
 NOT_RESULTS = {"manifest.json"}
