@@ -51,15 +51,21 @@ def calibration_inputs(model_dir: Path, data: DataOptions) -> CalibrationInputs:
 
 
 def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOptions) -> dict:
+    """WORK's lock first (a second calibrate is refused before it tokenises anything; under torchrun rank 0
+    holds it for the job), then the data, then the layer walk."""
+    import os
+
     from surgery.executor.calibrate import Calibrator
+    from surgery.lock import directory_lock
 
-    inputs = calibration_inputs(model_dir, data)  # first: a missing dataset fails before any model work
-    calibrator = Calibrator(model_dir, work, opts)
-    saliency = calibrator.run(inputs)
-    if calibrator.ranks.main and inputs.categories is not None:
-        from surgery.jsonio import write_json_atomic
+    with directory_lock(work, enabled=os.environ.get("RANK", "0") == "0"):
+        inputs = calibration_inputs(model_dir, data)  # first: a missing dataset fails before any model work
+        calibrator = Calibrator(model_dir, work, opts)
+        saliency = calibrator.run(inputs)
+        if calibrator.ranks.main and inputs.categories is not None:
+            from surgery.jsonio import write_json_atomic
 
-        write_json_atomic(work / "data.json", {"categories": inputs.categories})
+            write_json_atomic(work / "data.json", {"categories": inputs.categories})
     summary = getattr(calibrator, "summary", None)
     if not calibrator.ranks.main:
         return saliency
@@ -92,41 +98,43 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
     from surgery.arch.model import MoEModel
     from surgery.checkpoint.reader import Checkpoint
     from surgery.jsonio import read_json, write_json_atomic
+    from surgery.lock import directory_lock
     from surgery.plan import check_request, make_plan, plan_file_name
     from surgery.plan.merge import outputs_loader
     from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
+    from surgery.rewrite.run import _check_paths, check_extra_files
 
     with Checkpoint(model_dir) as ckpt:  # before calibration: an impossible count costs nothing, writes nothing
         check_request(MoEModel(ckpt), method, ratio, keep=keep, multiple_of=multiple_of, protect=protect,
                       merge_saliency=merge_saliency)
-        from surgery.rewrite.run import check_extra_files
-
         check_extra_files(model_dir, ckpt)  # a dangling symlink or a FIFO is refused before calibration, too
-    saliency = calibrate(model_dir, work, data, opts)
-    plan_path = work / plan_file_name(method, ratio, drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
-                                      merge_saliency=merge_saliency)
-    with Checkpoint(model_dir) as ckpt:
-        model = MoEModel(ckpt)
-        if plan_path.exists():
-            plan = read_json(plan_path, "plan")
-        else:
-            plan = make_plan(saliency, model, method, ratio, seed=seed, drop_mtp=drop_mtp, keep=keep,
-                             multiple_of=multiple_of, protect=protect, merge_saliency=merge_saliency,
-                             outputs=outputs_loader(work) if method == "merge" else None)
-            write_json_atomic(plan_path, plan)
-        kept = {len(v["keep"]) for v in plan["layers"].values()}
-        how = f"ratio {ratio:g}" if ratio is not None else f"--keep {keep}"
-        console.print(f"plan: {method} at {how}: keep {sorted(kept)} of {model.num_experts} experts in "
-                      f"{len(plan['layers'])} MoE layers -> {plan_path}")
-    rewrite_checkpoint(model_dir, plan, out, progress=progress)
-    report = verify_checkpoint(out)
-    from surgery.report import write_model_card
+    _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
+    with directory_lock(out), directory_lock(work):  # held by the whole job; each stage takes them again
+        saliency = calibrate(model_dir, work, data, opts)
+        plan_path = work / plan_file_name(method, ratio, drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
+                                          merge_saliency=merge_saliency)
+        with Checkpoint(model_dir) as ckpt:
+            model = MoEModel(ckpt)
+            if plan_path.exists():
+                plan = read_json(plan_path, "plan")
+            else:
+                plan = make_plan(saliency, model, method, ratio, seed=seed, drop_mtp=drop_mtp, keep=keep,
+                                 multiple_of=multiple_of, protect=protect, merge_saliency=merge_saliency,
+                                 outputs=outputs_loader(work) if method == "merge" else None)
+                write_json_atomic(plan_path, plan)
+            kept = {len(v["keep"]) for v in plan["layers"].values()}
+            how = f"ratio {ratio:g}" if ratio is not None else f"--keep {keep}"
+            console.print(f"plan: {method} at {how}: keep {sorted(kept)} of {model.num_experts} experts in "
+                          f"{len(plan['layers'])} MoE layers -> {plan_path}")
+        rewrite_checkpoint(model_dir, plan, out, progress=progress)
+        report = verify_checkpoint(out)
+        from surgery.report import write_model_card
 
-    evaluation = read_json(work / "eval.json", "evaluation") if (work / "eval.json").is_file() else None
-    calibration = read_json(work / "manifest.json", "manifest")
-    if (work / "data.json").is_file():
-        calibration["categories"] = read_json(work / "data.json", "data report")["categories"]
-    write_model_card(out, model_dir, plan, saliency, command="surgery " + shlex.join(sys.argv[1:]),
-                     eval=evaluation, calibration=calibration)
-    console.print(f"[green]pruned checkpoint verified:[/green] {out} (model card: {out / 'README.md'})")
-    return report
+        evaluation = read_json(work / "eval.json", "evaluation") if (work / "eval.json").is_file() else None
+        calibration = read_json(work / "manifest.json", "manifest")
+        if (work / "data.json").is_file():
+            calibration["categories"] = read_json(work / "data.json", "data report")["categories"]
+        write_model_card(out, model_dir, plan, saliency, command="surgery " + shlex.join(sys.argv[1:]),
+                         eval=evaluation, calibration=calibration)
+        console.print(f"[green]pruned checkpoint verified:[/green] {out} (model card: {out / 'README.md'})")
+        return report

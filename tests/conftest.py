@@ -44,3 +44,11 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def reliability_model(tmp_path_factory) -> Path:
+    """The reliability suite's tiny checkpoint with a tokenizer (tests/reliability.py), built once."""
+    from tests.reliability import make_model
+
+    return make_model(tmp_path_factory.mktemp("reliability") / "model")

@@ -156,7 +156,7 @@ def test_second_writer_is_refused(medium, tmp_path):
         while not partial_exists(out):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        with pytest.raises(SurgeryError, match="another surgery rewrite is writing"):
+        with pytest.raises(SurgeryError, match=r"another surgery process is writing into this directory \(pid \d+ on "):
             rewrite_checkpoint(src, load_plan(plan), out, progress=False)
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -18,8 +18,9 @@ fsynced, so a killed process never leaves a final-named file that is incomplete.
 bytes is computed on a second thread while writing (hashing is about as fast as the copy, and
 hashlib releases the GIL), so the caller can record it for later verification at almost no cost.
 
-Test hook: `SURGERY_TEST_SLOW_WRITE=<seconds>` makes the writer sleep that long after each tensor,
-so a crash-safety test can kill the process in the middle of a shard. Nothing else reads it.
+Test hooks: `SURGERY_TEST_SLOW_WRITE=<seconds>` makes the writer sleep that long after each tensor,
+so a crash-safety test can kill the process in the middle of a shard (nothing else reads it); each
+finished tensor is also a crash point (`write.<tensor name>`, see `surgery.faults`).
 `SURGERY_COPY_MODE=readwrite` forces the `pread`/`write` path (for benchmarks and tests), and
 `SURGERY_BENCH_NO_HASH=1` skips the SHA-256 (sha256 is then None, and a resumed rewrite never reuses
 such a shard) so a benchmark can show what hashing costs.
@@ -41,6 +42,7 @@ from pathlib import Path
 
 from surgery.checkpoint.reader import DTYPES
 from surgery.errors import SurgeryError
+from surgery.faults import checkpoint as crash_point
 
 PARTIAL_SUFFIX = ".partial"
 CHUNK_BYTES = 32 * 1024 * 1024  # bounds memory on the pread/write path and the progress granularity
@@ -364,6 +366,7 @@ class SafetensorsWriter:
             self._on_bytes(n)
         self._left -= n
         if self._left == 0:
+            crash_point(f"write.{self.entries[self._i].name}")
             if self._slow:
                 time.sleep(self._slow)
             self._i += 1

@@ -14,6 +14,7 @@ import typer
 from surgery.cli import app
 from surgery.commands import options as o
 from surgery.executor.options import CalibrateOptions
+from surgery.lock import directory_lock
 from surgery.pipeline import DataOptions, console, prune
 
 
@@ -33,13 +34,14 @@ def demo_cmd(
 
     from surgery.synth import make_demo_model
 
-    source = make_demo_model(out / "model")
-    console.print(f"demo model: {source} (MiniMax-M2 layout, random weights)")
-    pruned = out / f"pruned-{method}-{ratio:g}"
-    prune(source, pruned, out / "work", DataOptions([], samples, max_length, 42, False),
-          CalibrateOptions(progress=not no_progress), method, ratio, progress=not no_progress)
-    tok = AutoTokenizer.from_pretrained(pruned)
-    model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
+    with directory_lock(out):  # the demo model, its work and output
+        source = make_demo_model(out / "model")
+        console.print(f"demo model: {source} (MiniMax-M2 layout, random weights)")
+        pruned = out / f"pruned-{method}-{ratio:g}"
+        prune(source, pruned, out / "work", DataOptions([], samples, max_length, 42, False),
+              CalibrateOptions(progress=not no_progress), method, ratio, progress=not no_progress)
+        tok = AutoTokenizer.from_pretrained(pruned)
+        model = AutoModelForCausalLM.from_pretrained(pruned, dtype=torch.float32)
     prompt = "def main():"
     ids = tok(prompt, return_tensors="pt").input_ids
     gen = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -17,6 +17,7 @@ from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.commands import options as o
 from surgery.jsonio import write_json_atomic
+from surgery.lock import directory_lock
 
 EVAL_DATASET = typer.Option([], "--dataset", "-d",
                             help="Evaluation data SPEC (repeatable; figures per SPEC); none = built-in corpus.")
@@ -79,10 +80,11 @@ def eval_cmd(
             err.print(f"[dim]data[/dim] {spec}: {cat.documents} documents, {cat.tokens} tokens, "
                       f"{cat.truncated} truncated, {cat.skipped} skipped")
 
-    inputs = eval_inputs(refs[0].directory, list(dataset), samples=samples, max_length=max_length, seed=seed,
-                         pack=pack, report=report)
-    result = Evaluator(work, opts).run(refs, inputs)
-    write_json_atomic(work / "eval.json", {**result, "settings": inputs.settings})
+    with directory_lock(work):  # WORK/eval/ and WORK/eval.json
+        inputs = eval_inputs(refs[0].directory, list(dataset), samples=samples, max_length=max_length, seed=seed,
+                             pack=pack, report=report)
+        result = Evaluator(work, opts).run(refs, inputs)
+        write_json_atomic(work / "eval.json", {**result, "settings": inputs.settings})
     if as_json:
         print(json.dumps({"datasets": result["datasets"]}))
     else:

@@ -48,10 +48,12 @@ def fidelity_cmd(
     checkpoint. Uses the hidden states a `--keep-hidden` calibration kept, and recomputes any that
     are missing by streaming. Writes WORK/fidelity.json."""
     from surgery.eval.fidelity import run_fidelity
+    from surgery.lock import directory_lock
 
-    out = run_fidelity(work, parse_list(methods, "methods"), parse_list(ratios, "ratios", float),
-                       resolve_model(model) if model else None, device=device, seed=seed,
-                       progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
+    with directory_lock(work):  # WORK/fidelity/ scratch and WORK/fidelity.json
+        out = run_fidelity(work, parse_list(methods, "methods"), parse_list(ratios, "ratios", float),
+                           resolve_model(model) if model else None, device=device, seed=seed,
+                           progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     table = Table(title=f"routed-output relative error ({out['hidden_source']} hidden states, "
                         f"{out['tokens']:,} tokens)")
     table.add_column("layer")

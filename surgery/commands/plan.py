@@ -14,6 +14,7 @@ from surgery.cli import app
 from surgery.errors import SurgeryError
 from surgery.inspect import human_bytes, layer_ranges
 from surgery.jsonio import read_json
+from surgery.lock import directory_lock
 from surgery.plan import PLAN_METHODS, make_plan, plan_summary, save_plan
 from surgery.plan.merge import SALIENCIES, outputs_loader
 from surgery.plan.protect import MODES
@@ -86,26 +87,30 @@ def plan_cmd(
     console = Console(soft_wrap=True)
     if protect is not None and protect not in MODES:
         raise SurgeryError(f"unknown --protect {protect!r}; choose one of {', '.join(MODES)}")
-    sal_path = work / "saliency.json"
-    if sal_path.is_file() or method != "random" or model is None or protect:
-        saliency = read_json(sal_path, "saliency (run `surgery calibrate` first)")
-    else:
-        saliency = {}
-    model_ref = model or saliency.get("model_path")
-    if not model_ref:
-        raise SurgeryError("saliency.json names no model_path; pass --model", sal_path)
-    with Checkpoint(resolve_model(str(model_ref))) as ckpt:
-        moe = MoEModel(ckpt)
-        plan = make_plan(saliency, moe, method, ratio, seed=seed, drop_mtp=drop_mtp, keep=keep,
-                         multiple_of=multiple_of, protect=protect, merge_saliency=merge_saliency,
-                         outputs=outputs_loader(work) if method == "merge" else None)
-        info = plan_summary(moe, plan)
-    if summary or dry_run:
-        print_summary(info, console)
-    if dry_run:
-        return
-    path = save_plan(plan, out or work / "plan.json")
-    n_keep = next(iter(info["kept"].values()), info["num_experts"])
-    how = f"ratio {ratio}" if ratio is not None else f"--keep {keep}"
-    console.print(f"plan ({method}, {how}): keep {n_keep} of {info['num_experts']} experts in "
-                  f"{info['moe_layers']} MoE layers -> {path}")
+    target = out or work / "plan.json"
+    # the plan's directory (WORK by default) is locked from reading saliency.json to writing the plan;
+    # --dry-run writes nothing and takes no lock
+    with directory_lock(target.parent, enabled=not dry_run):
+        sal_path = work / "saliency.json"
+        if sal_path.is_file() or method != "random" or model is None or protect:
+            saliency = read_json(sal_path, "saliency (run `surgery calibrate` first)")
+        else:
+            saliency = {}
+        model_ref = model or saliency.get("model_path")
+        if not model_ref:
+            raise SurgeryError("saliency.json names no model_path; pass --model", sal_path)
+        with Checkpoint(resolve_model(str(model_ref))) as ckpt:
+            moe = MoEModel(ckpt)
+            plan = make_plan(saliency, moe, method, ratio, seed=seed, drop_mtp=drop_mtp, keep=keep,
+                             multiple_of=multiple_of, protect=protect, merge_saliency=merge_saliency,
+                             outputs=outputs_loader(work) if method == "merge" else None)
+            info = plan_summary(moe, plan)
+        if summary or dry_run:
+            print_summary(info, console)
+        if dry_run:
+            return
+        path = save_plan(plan, target)
+        n_keep = next(iter(info["kept"].values()), info["num_experts"])
+        how = f"ratio {ratio}" if ratio is not None else f"--keep {keep}"
+        console.print(f"plan ({method}, {how}): keep {n_keep} of {info['num_experts']} experts in "
+                      f"{info['moe_layers']} MoE layers -> {path}")

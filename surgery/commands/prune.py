@@ -71,13 +71,18 @@ def prune_cmd(
                             progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
     from surgery.commands.quantize import pruned_destination, quantize_pruned
+    from surgery.lock import directory_lock
+    from surgery.rewrite.run import _check_paths
 
     work = work or out.with_name(out.name + ".work")
     pruned = pruned_destination(quantize_scheme, quantize_method, out, work)
-    prune(resolve_model(model), pruned, work, data, opts,
-          method or chosen_method, chosen_ratio, seed=data.seed,
-          progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
-          merge_saliency=merge_saliency)
-    if quantize_scheme is not None:
-        quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
-                        o.memory_bytes(memory_budget))
+    model_dir = resolve_model(model)
+    _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
+    with directory_lock(out), directory_lock(work):  # the whole job, quantization included
+        prune(model_dir, pruned, work, data, opts,
+              method or chosen_method, chosen_ratio, seed=data.seed,
+              progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
+              merge_saliency=merge_saliency)
+        if quantize_scheme is not None:
+            quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
+                            o.memory_bytes(memory_budget))

@@ -18,9 +18,11 @@ def report_cmd(
 ) -> None:
     """Write WORK/report.md and WORK/report.json: per-layer kept and dropped experts, saliency distributions,
     fidelity and evaluation figures, with a saliency heatmap and fidelity curves (PNG)."""
+    from surgery.lock import directory_lock
     from surgery.report.report import build_report
 
-    report = build_report(work, plan)
+    with directory_lock(work):  # WORK/report.md, report.json and figures
+        report = build_report(work, plan)
     err = Console(stderr=True)
     if report.get("plan_note"):
         err.print(f"[yellow]{report['plan_note']}[/yellow]")

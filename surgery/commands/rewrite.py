@@ -11,8 +11,10 @@ from rich.console import Console
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.inspect import human_bytes
+from surgery.lock import directory_lock
 from surgery.plan import load_plan
 from surgery.rewrite import rewrite_checkpoint
+from surgery.rewrite.run import _check_paths
 
 
 @app.command("rewrite")
@@ -25,7 +27,10 @@ def rewrite_cmd(
 ) -> None:
     """Stream MODEL shard by shard into OUT, keeping the plan's experts. Run again to resume."""
     console = Console(stderr=True, soft_wrap=True)
-    summary = rewrite_checkpoint(resolve_model(model), load_plan(plan), out, progress=progress)
+    model_dir, plan_obj = resolve_model(model), load_plan(plan)
+    _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
+    with directory_lock(out):  # first: a second rewrite into OUT is refused naming the one writing it
+        summary = rewrite_checkpoint(model_dir, plan_obj, out, progress=progress)
     if as_json:
         print(json.dumps(summary))
     if summary["already_complete"]:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from surgery.data.formats import Conversation
+from surgery.errors import SurgeryError
 
 _TOOL = "surgery_probe_tool_q7x"
 _ARG = "surgery_probe_arg_q7x"
@@ -45,6 +47,9 @@ class ChatRenderer:
     """Renders Conversations with one tokenizer's chat template (probed on first use)."""
 
     def __init__(self, tokenizer: Any) -> None:
+        from surgery.data.template_budget import install
+
+        install()  # the checkpoint's template is code: it renders under a bound of work
         self.tokenizer = tokenizer
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self._caps: Capabilities | None = None
@@ -62,6 +67,8 @@ class ChatRenderer:
         messages, tools = adapt(conv, self.capabilities)
         try:
             return self._apply(messages, tools)
+        except SurgeryError:
+            raise
         except Exception:  # noqa: BLE001 - templates raise whatever they like (often TemplateError)
             caps = self.capabilities
             if caps == replace(caps, tools=False, tool_calls=False, tool_role=False):
@@ -70,7 +77,13 @@ class ChatRenderer:
         return self._apply(merge_turns(messages), None)
 
     def _apply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        from surgery.data.template_budget import TemplateTooCostly
+
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except TemplateTooCostly as exc:
+            raise SurgeryError(f"the chat template does too much work ({exc}); surgery renders templates under a "
+                               "bound of work: fix or replace the template", template_file(self.tokenizer)) from None
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
         return text
@@ -82,6 +95,8 @@ def probe(apply) -> Capabilities:
     def shows(marker: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
         try:
             return marker in apply(messages, tools)
+        except SurgeryError:
+            raise
         except Exception:  # noqa: BLE001 - templates raise whatever they like (often TemplateError)
             return False
 
@@ -95,6 +110,17 @@ def probe(apply) -> Capabilities:
     result = {"role": "tool", "content": _RESULT, "tool_call_id": "call_0", "name": _TOOL}
     tool_role = shows(_RESULT, [turn[0], asked, result], offered)
     return Capabilities(system=system, tools=tools, tool_calls=tool_calls, tool_role=tool_role)
+
+
+def template_file(tokenizer: Any) -> str:
+    """The file a tokenizer's chat template came from, for messages (transformers 5 reads
+    chat_template.jinja first, then chat_template.json, then tokenizer_config.json)."""
+    directory = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if str(directory) not in ("", ".") and directory.is_dir():
+        for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            if (directory / name).is_file():
+                return str(directory / name)
+    return "the tokenizer's chat template"
 
 
 def adapt(conv: Conversation, caps: Capabilities) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:

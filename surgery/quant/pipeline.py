@@ -13,15 +13,19 @@ def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int
              memory_budget: int | None = None, inputs=None) -> dict:
     """`surgery quantize`. GPTQ calibrates on `data` (a `DataOptions`), or on `inputs` (a
     `CalibrationInputs` of pre-tokenised ids and mask) when given."""
+    from surgery.lock import directory_lock
     from surgery.quant.run import rtn_source, write_quantized
+    from surgery.rewrite.run import _check_paths
 
+    _check_paths(Path(model_dir), Path(out))  # OUT is never the model directory, not even for its lock file
     if method == "rtn":
-        with Checkpoint(model_dir) as ckpt:
+        with Checkpoint(model_dir) as ckpt, directory_lock(out):
             return write_quantized(model_dir, out, rtn_source(ckpt, group_size), method="rtn",
                                    group_size=group_size, quantize_dense=quantize_dense, progress=progress)
     from surgery.quant.driver import run_gptq
 
     work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
-    return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
-                    batch_size=batch_size, device=device, dtype=dtype, progress=progress,
-                    memory_budget=memory_budget, inputs=inputs)
+    with directory_lock(out), directory_lock(work):  # both before the calibration data is built
+        return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
+                        batch_size=batch_size, device=device, dtype=dtype, progress=progress,
+                        memory_budget=memory_budget, inputs=inputs)

@@ -17,14 +17,12 @@ Memory stays one tensor (plus the writer's bounded chunks).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import surgery
@@ -35,13 +33,14 @@ from surgery.checkpoint.writer import SafetensorsWriter, fsync_dir
 from surgery.errors import SurgeryError
 from surgery.faults import checkpoint as crash_point
 from surgery.jsonio import read_json, write_json_atomic
+from surgery.lock import LOCK_NAME, directory_lock
 from surgery.quant.config import quantization_config, quantize_config
 from surgery.quant.layout import QShard, QTensor, plan_quant_layout
 from surgery.quant.targets import Target, find_targets
 from surgery.rewrite.run import _check_paths, _copy_file, _extra_files, _shard_ok, _write_text_durably
 
 MANIFEST = ".surgery-quantize.json"
-LOCK = ".surgery-quantize.lock"
+LOCK = LOCK_NAME  # the directory lock (surgery/lock.py), held while writing; removed when released
 PROVENANCE = "surgery.json"
 FORMAT = 1
 Source = Callable[[Target], dict]  # target -> {"qweight", "qzeros", "scales"} tensors
@@ -53,19 +52,6 @@ def tensor_bytes(t) -> memoryview:
 
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
-
-
-@contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
-    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SurgeryError("another surgery quantize is writing into this directory", out_dir) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def job_hash(job: dict) -> str:
@@ -195,10 +181,9 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, source: Source, 
             summary.update(already_complete=True, seconds=time.perf_counter() - t0)
             return summary
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(out_dir):
+        with directory_lock(out_dir):
             state, manifest = _state(out_dir, jhash)
             if state == "complete":
-                (out_dir / LOCK).unlink(missing_ok=True)
                 summary.update(already_complete=True, seconds=time.perf_counter() - t0)
                 return summary
             if manifest is None:
@@ -224,7 +209,6 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, source: Source, 
             crash_point("quantize.config")
             _write_text_durably(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
             (out_dir / MANIFEST).unlink(missing_ok=True)
-            (out_dir / LOCK).unlink(missing_ok=True)
             fsync_dir(out_dir)
     summary["seconds"] = time.perf_counter() - t0
     return summary

@@ -23,16 +23,13 @@ resumed rewrite produces the same bytes as an uninterrupted one.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import math
 import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import surgery
@@ -41,13 +38,14 @@ from surgery.checkpoint.reader import INDEX_NAME, SINGLE_NAME, Checkpoint
 from surgery.checkpoint.writer import PARTIAL_SUFFIX, SafetensorsWriter, fsync_dir, sha256_file
 from surgery.errors import SurgeryError
 from surgery.jsonio import read_json, write_json_atomic
+from surgery.lock import LOCK_NAME, directory_lock
 from surgery.plan.core import kept_map, normalized, plan_hash, validate_plan
 from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
 from surgery.rewrite.merge import ExpertMerger
 from surgery.rewrite.tensor_manifest import TENSORS_FILE, shard_records, write_tensor_manifest
 
 MANIFEST = ".surgery-rewrite.json"
-LOCK = ".surgery-rewrite.lock"
+LOCK = LOCK_NAME  # the directory lock (surgery/lock.py), held while writing; removed when released
 PROVENANCE = "surgery.json"
 FORMAT = 1
 # Files that hold weights in some other format: copying them would ship the unpruned model again.
@@ -78,19 +76,6 @@ def _ours_only(out_dir: Path) -> bool:
     """True when OUT holds nothing, or only the lock / a temporary manifest of a run killed at once."""
     allowed = {LOCK, f".{MANIFEST}.tmp"}
     return all(p.name in allowed for p in out_dir.iterdir())
-
-
-@contextmanager
-def _locked(out_dir: Path) -> Iterator[None]:
-    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SurgeryError("another surgery rewrite is writing into this directory", out_dir) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _progress(enabled: bool, total: int):
@@ -400,11 +385,10 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
             extra = sum((model_dir / rel).stat().st_size for rel in copy)
             _check_free_space(out_dir, summary["output_bytes"] + extra + SMALL_FILES_SLACK)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _locked(out_dir):
+        with directory_lock(out_dir):
             # again under the lock: another process may have finished (or started) this OUT meanwhile
             state, manifest = _state(out_dir, phash)
             if state == "complete":
-                (out_dir / LOCK).unlink(missing_ok=True)
                 return _already_complete(out_dir, written, summary, t0)
             if manifest is None:
                 manifest = {"format": FORMAT, "tool_version": surgery.__version__, "plan_sha256": phash,
@@ -433,7 +417,6 @@ def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, p
             config = new_config(model, n_keep, bool(plan.get("drop_mtp")))
             _write_text_durably(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
             (out_dir / MANIFEST).unlink(missing_ok=True)
-            (out_dir / LOCK).unlink(missing_ok=True)
             fsync_dir(out_dir)
     summary["seconds"] = time.perf_counter() - t0
     return summary
