@@ -533,7 +533,7 @@ def _layer_problems(model: MoEModel, beyond: dict[int, str], mtp: int, where: st
     if not beyond:
         return []
     spec, n = model.spec, model.num_layers
-    from surgery.inspect import layer_ranges
+    from surgery.humanize import layer_ranges
 
     layers = sorted(beyond)
     example = beyond[layers[0]]
@@ -639,7 +639,7 @@ def _w4a16_declared_problems(model: MoEModel, where: str) -> list[Problem]:
 
 def _expert_problems(model: MoEModel, experts: dict[int, dict[int, dict[str, tuple]]], where: str) -> list[Problem]:
     """Each MoE layer: its router, and experts exactly 0..E-1 with the same tensors (or its fused tensors)."""
-    from surgery.inspect import layer_ranges
+    from surgery.humanize import layer_ranges
 
     ckpt, spec, n = model.ckpt, model.spec, model.num_experts
     key = model.experts_key

@@ -13,8 +13,9 @@ import typer
 
 from surgery.cli import app
 from surgery.commands import options as o
+from surgery.data.inputs import DataOptions
 from surgery.executor.options import CalibrateOptions
-from surgery.pipeline import DataOptions, console, prune
+from surgery.pipeline import console, prune
 
 
 @app.command("demo")
