@@ -106,16 +106,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
     source = fingerprint(model.ckpt)
     num_experts = model.num_experts
     n_group = model.routing_facts().get("n_group", 1)
-    layers_in = {}
-    if method != "random" or saliency or protect:
-        sal_model = (saliency.get("model") or {}) if isinstance(saliency, dict) else {}
-        if sal_model.get("sha256") != source["sha256"]:
-            raise SurgeryError(
-                f"saliency was computed on model {str(sal_model.get('sha256'))[:12]} "
-                f"({sal_model.get('architecture')}) but MODEL is {source['sha256'][:12]} "
-                f"({source['architecture']}); calibrate this model or pass the model calibration used",
-                model.ckpt.directory)
-        layers_in = saliency.get("layers") or {}
+    layers_in = _saliency_layers(saliency, model, source) if method != "random" or saliency or protect else {}
     if method == "merge" and outputs is None:
         raise SurgeryError("--method merge needs calibration's expert output sums (WORK/stats/*.outputs.npy)")
     protection = protected_experts(layers_in, model.moe_layers, num_experts, protect) if protect else None
@@ -164,6 +155,18 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
         plan["calibration"] = {k: saliency.get(k) for k in ("num_tokens", "routing") if k in saliency}
     plan["layers"] = plan_layers
     return plan
+
+
+def _saliency_layers(saliency: dict, model: MoEModel, source: dict) -> dict:
+    """saliency.json's per-layer statistics, refused unless calibration ran on this very model."""
+    sal_model = (saliency.get("model") or {}) if isinstance(saliency, dict) else {}
+    if sal_model.get("sha256") != source["sha256"]:
+        raise SurgeryError(
+            f"saliency was computed on model {str(sal_model.get('sha256'))[:12]} "
+            f"({sal_model.get('architecture')}) but MODEL is {source['sha256'][:12]} "
+            f"({source['architecture']}); calibrate this model or pass the model calibration used",
+            model.ckpt.directory)
+    return saliency.get("layers") or {}
 
 
 def _check_room(model: MoEModel, layer: int, guarded: dict[int, float], n_keep: int, n_group: int,
