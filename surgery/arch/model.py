@@ -73,7 +73,7 @@ class MoEModel:
             check_consistency(self)
 
     def problems(self) -> list:
-        """Every consistency problem of this checkpoint (`surgery.arch.consistency.Problem`s)."""
+        """Every consistency problem of this checkpoint (`surgery.arch.rules.problem.Problem`s)."""
         from surgery.arch.consistency import find_problems
 
         return find_problems(self)
