@@ -1,4 +1,8 @@
-"""`surgery inspect`: what is in a checkpoint and what pruning would do to it, from headers alone."""
+"""`surgery inspect`: what is in a checkpoint and what pruning would do to it, from headers alone.
+
+Only reports: the facts come from where they live (the architecture's `MoEModel`, the plan's kept
+counts and pruned size in `surgery.plan.counts`, the W4A16 size in `surgery.quant.size`, the
+consistency rules in `surgery.arch.consistency`)."""
 
 from __future__ import annotations
 
@@ -6,18 +10,10 @@ from collections import Counter, defaultdict
 
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
+from surgery.plan.counts import n_keep_for, pruned_size
+from surgery.quant.size import w4a16_sizes
 
 RATIOS = (0.25, 0.40, 0.50)
-
-
-def pruned_size(model: MoEModel, ratio: float, expert_bytes: dict[int, int], router_bytes: dict[int, int]) -> int:
-    """Checkpoint bytes after keeping E - floor(E * ratio) experts in every MoE layer."""
-    from surgery.plan.core import n_keep_for  # lazy: plan imports this module's helpers
-
-    e = model.num_experts
-    keep = n_keep_for(e, ratio)
-    moe_bytes = sum(expert_bytes.values()) + sum(router_bytes.values())
-    return model.ckpt.total_bytes - moe_bytes + (moe_bytes * keep) // e
 
 
 def summarize(model: MoEModel) -> dict:
@@ -62,40 +58,8 @@ def summarize(model: MoEModel) -> dict:
         "expert_bytes": sum(expert_bytes.values()),
         "router_bytes": sum(router_bytes.values()),
         "pruned_bytes": {f"{r:.2f}": pruned_size(model, r, expert_bytes, router_bytes) for r in RATIOS},
-        "experts_kept": {f"{r:.2f}": _kept(model.num_experts, r) for r in RATIOS},
-        "w4a16_bytes": _w4a16(model),  # after `surgery quantize` (W4A16), unpruned and after each ratio
+        "experts_kept": {f"{r:.2f}": n_keep_for(model.num_experts, r) for r in RATIOS},
+        "w4a16_bytes": w4a16_sizes(model, RATIOS),  # after `surgery quantize` (W4A16), unpruned and after each ratio
         # what every other command would refuse (surgery.arch.consistency): inspect reports, never refuses
         "problems": [{"rule": p.rule, "subject": p.subject, "message": p.message} for p in model.problems()],
     }
-
-
-def _w4a16(model: MoEModel) -> dict[str, int] | None:
-    from surgery.quant.size import w4a16_sizes
-
-    return w4a16_sizes(model, RATIOS)
-
-
-def _kept(num_experts: int, ratio: float) -> int:
-    from surgery.plan.core import n_keep_for
-
-    return n_keep_for(num_experts, ratio)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n}"
-
-
-def layer_ranges(layers: list[int]) -> str:
-    """[0,1,2,5] -> '0-2, 5'."""
-    out, start = [], None
-    for i, x in enumerate(layers):
-        if start is None:
-            start = x
-        if i + 1 == len(layers) or layers[i + 1] != x + 1:
-            out.append(f"{start}" if start == x else f"{start}-{x}")
-            start = None
-    return ", ".join(out) or "none"

@@ -8,46 +8,15 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 
-from surgery.errors import SurgeryError
-from surgery.executor.options import CalibrateOptions, CalibrationInputs
-from surgery.inspect import human_bytes
+from surgery.data.inputs import DataOptions, calibration_inputs
+from surgery.executor.options import CalibrateOptions
+from surgery.humanize import human_bytes
 
 console = Console(stderr=True)
-
-
-@dataclass
-class DataOptions:
-    datasets: list[str] = field(default_factory=list)
-    samples: int = 64
-    max_length: int = 512
-    seed: int = 42
-    pack: bool = False
-
-
-def calibration_inputs(model_dir: Path, data: DataOptions) -> CalibrationInputs:
-    """Tokenise the calibration data with the model's tokenizer (deterministic for a seed)."""
-    from surgery.data import build_calibration_set, load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    calib = build_calibration_set(data.datasets, tokenizer, samples=data.samples, max_length=data.max_length,
-                                  seed=data.seed, pack=data.pack)
-    if calib.input_ids.size == 0 or int(calib.attention_mask.sum()) == 0:
-        raise SurgeryError("the calibration data produced no tokens")
-    for cat in calib.categories:
-        short = f" (asked for {cat.requested})" if cat.documents < cat.requested else ""
-        console.print(f"[dim]data[/dim] {cat.name}: {cat.documents} documents{short}, {cat.tokens} tokens, "
-                      f"{cat.truncated} truncated, {cat.skipped} skipped")
-    if calib.default_used:
-        console.print("[yellow]No --dataset given: using the built-in generic corpus (Python stdlib code, "
-                      "docs, tool calls). Domain-matched calibration data prunes better.[/yellow]")
-    settings = {"samples": data.samples, "max_length": data.max_length, "seed": data.seed, "pack": data.pack}
-    return CalibrationInputs(calib.input_ids, calib.attention_mask, dict(calib.spec_hashes), settings,
-                             [asdict(c) for c in calib.categories])
 
 
 def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOptions) -> dict:

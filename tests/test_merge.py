@@ -25,9 +25,9 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.plan import load_plan, make_plan, plan_summary, validate_plan
+from surgery.plan import load_plan, make_plan, validate_plan
 from surgery.plan.merge import outputs_loader
-from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
+from surgery.rewrite import plan_summary, rewrite_checkpoint, verify_checkpoint
 from tests.oracle import dequantize_checkpoint, moe_blocks, prune_in_memory
 
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")

@@ -20,10 +20,10 @@ from surgery.plan import (
     make_plan,
     n_keep_for,
     plan_hash,
-    plan_summary,
     save_plan,
     validate_plan,
 )
+from surgery.rewrite import plan_summary
 
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")
 

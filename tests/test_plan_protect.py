@@ -18,7 +18,7 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.plan import kept_count, load_plan, make_plan, validate_plan
-from surgery.plan.core import routing_problem
+from surgery.plan.counts import routing_problem
 
 STATS = ("frequency", "weighted_frequency", "ean", "reap", "max_activation")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery.arch.consistency import declared_bits
+from surgery.arch.rules.w4a16 import declared_bits
 from surgery.checkpoint.reader import INDEX_NAME
 from surgery.checkpoint.w4a16 import dequantize_w4a16
 from surgery.errors import SurgeryError

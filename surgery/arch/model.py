@@ -73,7 +73,7 @@ class MoEModel:
             check_consistency(self)
 
     def problems(self) -> list:
-        """Every consistency problem of this checkpoint (`surgery.arch.consistency.Problem`s)."""
+        """Every consistency problem of this checkpoint (`surgery.arch.rules.problem.Problem`s)."""
         from surgery.arch.consistency import find_problems
 
         return find_problems(self)
@@ -199,5 +199,5 @@ class MoEModel:
 
     def min_experts_to_keep(self) -> int:
         """The fewest experts per layer that can still fill the top-k. What group-limited routing
-        additionally needs (equal groups of at least 2) is `surgery.plan.core.routing_problem`'s."""
+        additionally needs (equal groups of at least 2) is `surgery.plan.counts.routing_problem`'s."""
         return self.top_k

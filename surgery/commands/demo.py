@@ -13,9 +13,10 @@ import typer
 
 from surgery.cli import app
 from surgery.commands import options as o
+from surgery.data.inputs import DataOptions
 from surgery.executor.options import CalibrateOptions
 from surgery.lock import directory_lock
-from surgery.pipeline import DataOptions, console, prune
+from surgery.pipeline import console, prune
 
 
 @app.command("demo")

@@ -13,7 +13,8 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
-from surgery.inspect import human_bytes, layer_ranges, summarize
+from surgery.humanize import human_bytes, layer_ranges
+from surgery.inspect import summarize
 
 
 @app.command("inspect")

@@ -12,12 +12,13 @@ from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.errors import SurgeryError
-from surgery.inspect import human_bytes, layer_ranges
+from surgery.humanize import human_bytes, layer_ranges
 from surgery.jsonio import read_json
 from surgery.lock import directory_lock
-from surgery.plan import PLAN_METHODS, make_plan, plan_summary, save_plan
+from surgery.plan import PLAN_METHODS, make_plan, save_plan
 from surgery.plan.merge import SALIENCIES, outputs_loader
 from surgery.plan.protect import MODES
+from surgery.rewrite.summary import plan_summary
 
 PROTECT_HELP = ("Never prune super experts (CerebrasResearch/reap's rule): max activation > max(quantile 0.995, "
                 "max / 10) over all MoE layers; 'super' protects them in the first 75% of MoE layers, 'outliers' "

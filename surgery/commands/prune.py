@@ -9,8 +9,9 @@ import typer
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.commands import options as o
+from surgery.data.inputs import DataOptions
 from surgery.executor.options import CalibrateOptions
-from surgery.pipeline import DataOptions, prune
+from surgery.pipeline import prune
 
 
 @app.command("prune")

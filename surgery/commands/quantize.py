@@ -52,7 +52,7 @@ def quantize_cmd(
     4 bits (W4A16, AutoRound's auto_gptq packing) into OUT. rtn reads no data; gptq calibrates on --dataset.
     Run again to resume."""
     check_quant_options(scheme, method, group_size)
-    from surgery.pipeline import DataOptions
+    from surgery.data.inputs import DataOptions
     from surgery.quant.pipeline import quantize
 
     data = DataOptions(list(dataset), samples, max_length, seed, pack)
@@ -63,7 +63,7 @@ def quantize_cmd(
 
 
 def report(summary: dict, out: Path) -> None:
-    from surgery.inspect import human_bytes
+    from surgery.humanize import human_bytes
 
     console = Console(stderr=True, soft_wrap=True)
     if summary["already_complete"]:

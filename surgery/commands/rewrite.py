@@ -10,7 +10,7 @@ from rich.console import Console
 
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
-from surgery.inspect import human_bytes
+from surgery.humanize import human_bytes
 from surgery.lock import directory_lock
 from surgery.plan import load_plan
 from surgery.rewrite import rewrite_checkpoint

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from surgery.cli import app
-from surgery.inspect import human_bytes
+from surgery.humanize import human_bytes
 from surgery.rewrite import verify_checkpoint
 
 

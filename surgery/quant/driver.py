@@ -108,8 +108,8 @@ def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 
     """`surgery quantize --method gptq`: calibration data -> GPTQ layer by layer in WORK -> OUT.
     `inputs` (a `CalibrationInputs`: ids, mask and what identifies them) replaces `data` when given, for
     callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file)."""
+    from surgery.data.inputs import DataOptions, calibration_inputs
     from surgery.executor.calibrate import resolve_device, resolve_dtype
-    from surgery.pipeline import DataOptions, calibration_inputs
     from surgery.quant.gptq import DAMP
     from surgery.quant.run import output_complete, write_quantized
 

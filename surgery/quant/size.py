@@ -4,6 +4,8 @@ without torch, so `surgery inspect` can say what `surgery prune --quantize w4a16
 from __future__ import annotations
 
 from surgery.arch.model import MoEModel
+from surgery.errors import SurgeryError
+from surgery.plan.counts import n_keep_for
 from surgery.quant.targets import find_targets
 
 PACK = 8  # 4-bit levels per int32
@@ -36,9 +38,6 @@ def w4a16_size(model: MoEModel, keep_fraction: float = 1.0, group_size: int = 12
 def w4a16_sizes(model: MoEModel, ratios: tuple[float, ...], group_size: int = 128) -> dict[str, int] | None:
     """{"0.00": bytes after W4A16, "0.25": after pruning 25% then W4A16, ...}; None when this checkpoint
     cannot be quantized (already W4A16, experts fused on disk, or refused)."""
-    from surgery.errors import SurgeryError
-    from surgery.plan.core import n_keep_for
-
     if any(n.endswith(".qweight") for n in model.ckpt.tensors):
         return None
     e = model.num_experts

@@ -15,7 +15,7 @@ import surgery
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.fp8 import SCALE_SUFFIX
 from surgery.checkpoint.reader import Checkpoint
-from surgery.inspect import human_bytes, layer_ranges
+from surgery.humanize import human_bytes, layer_ranges
 from surgery.report.report import eval_markdown
 
 CITATION = "\n".join([

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from surgery.errors import SurgeryError
-from surgery.inspect import layer_ranges
+from surgery.humanize import layer_ranges
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.report.plots import fidelity_curves, saliency_heatmap
 

@@ -16,7 +16,7 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import TensorInfo
 from surgery.checkpoint.writer import TensorEntry, file_size_for
 from surgery.errors import SurgeryError
-from surgery.plan.core import kept_map
+from surgery.plan.files import kept_map
 
 
 @dataclass(frozen=True)

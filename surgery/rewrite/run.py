@@ -37,9 +37,11 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import INDEX_NAME, SINGLE_NAME, Checkpoint
 from surgery.checkpoint.writer import PARTIAL_SUFFIX, SafetensorsWriter, fsync_dir, sha256_file
 from surgery.errors import SurgeryError
+from surgery.humanize import human_bytes
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.lock import LOCK_NAME, directory_lock
-from surgery.plan.core import kept_map, normalized, plan_hash, validate_plan
+from surgery.plan.files import kept_map, normalized, plan_hash
+from surgery.plan.validate import validate_plan
 from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
 from surgery.rewrite.merge import ExpertMerger
 from surgery.rewrite.tensor_manifest import TENSORS_FILE, shard_records, write_tensor_manifest
@@ -224,8 +226,6 @@ def free_bytes(path: Path) -> int:
 
 def _check_free_space(out_dir: Path, need: int) -> None:
     """Refuse before the first shard when the output (its size is known from the plan) cannot fit."""
-    from surgery.inspect import human_bytes
-
     free = free_bytes(out_dir)
     if need > free:
         raise SurgeryError(f"not enough free space: the output needs {human_bytes(need)} ({need} bytes) and "

@@ -1,17 +1,17 @@
 """What a plan does, before anything is written: kept counts, protected and merged experts, and the
-output size. The sizes are the ones the rewrite will produce."""
+output size. The sizes are the ones the rewrite will produce: they come from the rewrite's own layout
+(`surgery.rewrite.layout.plan_layout`), which is why this summary lives with the rewrite, not the plan."""
 
 from __future__ import annotations
 
 from surgery.arch.model import MoEModel
+from surgery.rewrite.layout import plan_layout
 
 
 def plan_summary(model: MoEModel, plan: dict) -> dict:
     """Kept counts per layer, tensor bytes before/after and the exact output size (shard files); the
     protected experts (layer -> {expert: max activation}) and the rule's numbers when the plan protects;
     the merge groups (layer -> {kept: [dropped]}) and the dropped experts merged nowhere when it merges."""
-    from surgery.rewrite.layout import plan_layout
-
     shards = plan_layout(model, plan)
     layers = {int(k): v for k, v in plan["layers"].items()}
     kept = {layer: len(v["keep"]) for layer, v in layers.items()}
