@@ -29,7 +29,8 @@ def quantize(src: Path, out: Path, work: Path, *extra: str, die_at: str | None =
              extra_env: dict | None = None) -> subprocess.CompletedProcess:
     data = src.parent / "text" / "code.calib.jsonl"
     return cli("quantize", str(src), "--out", str(out), "--method", "gptq", "--work", str(work), "--dataset",
-               str(data), "--samples", "6", "--max-length", "48", "--batch-size", "2", "--no-progress", *extra,
+               str(data), "--samples", "6", "--max-length", "48", "--batch-size", "2", "--no-progress",
+               "--group-size", "64", *extra,  # 64: whole groups of the fixture's hidden size 192
                die_at=die_at, extra_env=extra_env)
 
 
@@ -72,7 +73,7 @@ def test_gptq_paged_equals_unpaged_and_differs_from_rtn(shared_fixtures, tmp_pat
     paged = quantize(src, tmp_path / "paged", tmp_path / "w2", extra_env={"SURGERY_EXPERTS_PER_CHUNK": "3"})
     assert paged.returncode == 0, paged.stderr
     same_tree(tmp_path / "one", tmp_path / "paged")
-    rtn = cli("quantize", str(src), "--out", str(tmp_path / "rtn"), "--no-progress")
+    rtn = cli("quantize", str(src), "--out", str(tmp_path / "rtn"), "--no-progress", "--group-size", "64")
     assert rtn.returncode == 0, rtn.stderr
     from safetensors.torch import load_file
 
@@ -88,7 +89,7 @@ def test_prune_then_gptq(shared_fixtures, tmp_path):
     data = shared_fixtures / "text" / "code.calib.jsonl"
     out = tmp_path / "out"
     r = cli("prune", str(src), "--out", str(out), "--work", str(tmp_path / "w"), "--ratio", "0.5", "--dataset",
-            str(data), "--samples", "6", "--max-length", "48", "--quantize", "w4a16", "--quantize-method", "gptq",
+            str(data), "--samples", "6", "--max-length", "48", "--quantize", "w4a16", "--quantize-method", "gptq", "--quantize-group-size", "64",
             "--no-progress")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())

@@ -27,7 +27,8 @@ QUANTIZABLE = [f for f in FAMILIES if f != "gpt_oss"]  # gpt-oss (experts fused 
 
 @pytest.fixture(scope="module")
 def w4(tiny_checkpoint, tmp_path_factory):
-    """family -> its W4A16 checkpoint (hidden 160: a full and a partial group; dense MLPs packed)."""
+    """family -> its W4A16 checkpoint (hidden 160 in groups of 32: every linear whole groups, so vLLM's
+    loader rules pass; dense MLPs packed)."""
     root = tmp_path_factory.mktemp("verify-w4")
     cache: dict[str, Path] = {}
 
@@ -35,7 +36,7 @@ def w4(tiny_checkpoint, tmp_path_factory):
         if family not in cache:
             cache[family] = root / family
             quantize(tiny_checkpoint(family, hidden_size=160), cache[family], method="rtn", quantize_dense=True,
-                     progress=False)
+                     progress=False, group_size=32)
         return cache[family]
 
     return build

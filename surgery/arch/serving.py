@@ -322,7 +322,7 @@ def _expert_rules(members: list[Linear], moe_tp: int, fp8: tuple[int, int], grou
         g //= 2
     if g < R.MOE_WNA16_MIN_GROUP:
         return [f"expert intermediate per rank {i_t} fits neither Marlin nor moe_wna16 (group {group})"], []
-    return [], [f"experts on moe_wna16" + (f", group {group} -> {g}" if g != group else "")
+    return [], ["experts on moe_wna16" + (f", group {group} -> {g}" if g != group else "")
                 + f" (Marlin needs the intermediate per rank {i_t} to be a multiple of {max(64, group)})"]
 
 

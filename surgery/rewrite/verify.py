@@ -7,7 +7,10 @@ Two parts, both ending in one line naming the rule that failed:
    quantized weights carry their scales, experts are exactly 0..n-1 in every MoE layer with identical
    tensor sets, routers have n rows and biases n entries, no tensor of a dropped expert remains. So an
    output that no loader could use cannot pass, whatever the rewrite did.
-2. The rewrite's tensor manifest (`surgery.tensors.json`, `surgery.rewrite.tensor_manifest`): every
+2. vLLM's loader rules (`surgery.arch.serving`): which `vllm serve` settings (tensor-parallel degrees
+   1/2/4/8, expert parallelism) load it. An output that loads at none of them (a W4A16 linear with a
+   partial group, a 16-bit module vLLM would build 4-bit) fails; the settings that work are reported.
+3. The rewrite's tensor manifest (`surgery.tensors.json`, `surgery.rewrite.tensor_manifest`): every
    input tensor the plan keeps is present, and every copied one holds exactly the input's bytes. This
    reads the output's data once; directories without a manifest (not a rewrite's output) skip it.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.arch.model import MoEModel
+from surgery.arch.serving import serving_report
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.rewrite.tensor_manifest import TENSORS_FILE, tensor_manifest_problems
@@ -40,6 +44,10 @@ def verify_checkpoint(out_dir: str | Path, data: bool = True) -> dict:
             first = problems[0]
             more = f" ({len(problems) - 1} more; `surgery inspect` lists them)" if len(problems) > 1 else ""
             _fail(first.rule, first.message + more, first.path or out_dir)
+        serving = serving_report(model)
+        if not serving.working():
+            _fail("serving", serving.summary_lines()[0] if serving.name_problems else
+                  f"vLLM loads it at no tensor-parallel degree: {serving.settings[0].reasons[0]}", out_dir)
         warnings: list[str] = []
         total = ckpt.index_metadata.get("total_size")
         if total is not None and str(total) != str(ckpt.total_bytes):
@@ -66,4 +74,7 @@ def verify_checkpoint(out_dir: str | Path, data: bool = True) -> dict:
             "total_bytes": ckpt.total_bytes,
             "tensors_compared": checked[1] if checked is not None else 0,
             "warnings": warnings,
+            "serving": serving.to_dict(),
+            "serving_summary": serving.summary_lines(),
+            "serve_flags": [s.flags for s in serving.working()],
         }
