@@ -64,6 +64,9 @@ def test_killed_gptq_resumes_to_identical_bytes(shared_fixtures, tmp_path):
     same_tree(tmp_path / "ref", out)
     check = cli("verify", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
+    card = (out / "README.md").read_text()  # OUT's own card: W4A16, its commands point at OUT
+    assert "W4A16" in card and f"vllm serve {out}" in card and "group 64" in card
+    assert "50% of the routed experts removed by REAP" in card and str(tmp_path / "w" / "pruned") not in card
 
 
 def test_gptq_paged_equals_unpaged_and_differs_from_rtn(shared_fixtures, tmp_path):
@@ -89,11 +92,14 @@ def test_prune_then_gptq(shared_fixtures, tmp_path):
     data = shared_fixtures / "text" / "code.calib.jsonl"
     out = tmp_path / "out"
     r = cli("prune", str(src), "--out", str(out), "--work", str(tmp_path / "w"), "--ratio", "0.5", "--dataset",
-            str(data), "--samples", "6", "--max-length", "48", "--quantize", "w4a16", "--quantize-method", "gptq", "--quantize-group-size", "64",
-            "--no-progress")
+            str(data), "--samples", "6", "--max-length", "48", "--quantize", "w4a16", "--quantize-method", "gptq",
+            "--quantize-group-size", "64", "--no-progress")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["packing_format"] == "auto_round:auto_gptq"
     assert cfg["num_local_experts"] == 16
     check = cli("verify", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
+    card = (out / "README.md").read_text()  # OUT's own card: W4A16, its commands point at OUT
+    assert "W4A16" in card and f"vllm serve {out}" in card and "group 64" in card
+    assert "50% of the routed experts removed by REAP" in card and str(tmp_path / "w" / "pruned") not in card
