@@ -109,9 +109,9 @@ def test_autoround_regex_extra_config_is_read_as_vllm_does(w4, tmp_path):
 
 def test_group_count_disagreeing_with_group_size_is_refused(w4, tmp_path):
     out = copy(w4("qwen3_moe"), tmp_path / "g")
-    edit_qcfg(out, lambda q: q.update(group_size=32))  # in 160: 5 groups of 32, but 2 (of 128) are stored
+    edit_qcfg(out, lambda q: q.update(group_size=64))  # in 160: 3 groups of 64, but 5 (of 32) are stored
     message = refusal(out)
-    assert "group_size 32" in message and ("qzeros" in message or "scales" in message) and "[5, " in message
+    assert "group_size 64" in message and ("qzeros" in message or "scales" in message) and "[3, " in message
 
 
 def test_packed_linear_declared_16_bit_is_refused(w4, tmp_path):

@@ -10,8 +10,8 @@ modules inside the decoder layers that stay 16-bit are listed so that `extra_con
 Partial groups (`partial_groups`): a linear whose input size is not a multiple of the group size has a
 partial last group. AutoRound pads it with zeros and quantizes it, but no vLLM kernel sizes the scales of
 such a weight (`surgery.arch.serving_rules`), so by default ("keep") it stays 16-bit; and because vLLM
-fuses a layer's routed experts into one module that is either quantized or not, one expert projection
-kept 16-bit keeps every routed expert of its layer 16-bit. "pad" is AutoRound's behaviour (the
+fuses q/k/v, gate/up and a layer's routed experts into modules that are quantized or not as a whole,
+one part kept 16-bit keeps its whole fused module 16-bit. "pad" is AutoRound's selection exactly (the
 bit-identity tests and the comparisons with AutoRound's own outputs use it; `verify` reports such an
 output as loadable by no vLLM setting). Nothing left to quantize is refused in one line.
 
@@ -124,7 +124,9 @@ def find_targets(model: MoEModel, quantize_dense: bool = False, group_size: int 
                                    proj_role, scale)
         if scale:
             out.consumed.add(scale)
-    _keep_whole_expert_layers(model, out)
+    if partial_groups == "keep":  # "pad" is AutoRound's selection exactly, loadable or not
+        _keep_fused_modules_whole(out)
+        _keep_whole_expert_layers(model, out)
     for scale in out.fp8_dequant.values():
         out.consumed.add(scale)
     out.kept_linears.sort()
@@ -133,6 +135,24 @@ def find_targets(model: MoEModel, quantize_dense: bool = False, group_size: int 
                            f"an input size that is a multiple of it (a partial group loads in no vLLM kernel); "
                            f"choose a --group-size that divides the hidden and intermediate sizes", ckpt.directory)
     return out
+
+
+def _keep_fused_modules_whole(out: QuantTargets) -> None:
+    """vLLM fuses q/k/v (and gate/up of a dense or shared MLP) into one module, quantized or not as a
+    whole: if one part stays 16-bit (e.g. k/v with an output that is not a multiple of 32), all do."""
+    from surgery.arch.serving_rules import FUSED_PARTS
+
+    def fused(module: str) -> str | None:
+        stem, _, part = module.rpartition(".")
+        return f"{stem}.{FUSED_PARTS[part]}" if part in FUSED_PARTS else None
+
+    kept = {fused(m) for m in out.kept_linears} - {None}
+    for name, t in list(out.targets.items()):
+        if t.kind != "expert" and fused(t.module) in kept:
+            del out.targets[name]
+            out.kept_linears.append(t.module)
+            if t.scale:
+                out.fp8_dequant[name] = t.scale
 
 
 def _keep_whole_expert_layers(model: MoEModel, out: QuantTargets) -> None:

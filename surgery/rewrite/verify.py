@@ -8,8 +8,10 @@ Two parts, both ending in one line naming the rule that failed:
    tensor sets, routers have n rows and biases n entries, no tensor of a dropped expert remains. So an
    output that no loader could use cannot pass, whatever the rewrite did.
 2. vLLM's loader rules (`surgery.arch.serving`): which `vllm serve` settings (tensor-parallel degrees
-   1/2/4/8, expert parallelism) load it. An output that loads at none of them (a W4A16 linear with a
-   partial group, a 16-bit module vLLM would build 4-bit) fails; the settings that work are reported.
+   1/2/4/8, expert parallelism) load it. A W4A16 output that loads at none of them (a linear with a
+   partial group, a 16-bit module vLLM would build 4-bit, q/k/v in different forms) fails; a bf16 or FP8
+   one only warns (its shapes are the input's: pruning changes the expert count, not a block or a head);
+   the settings that work are reported.
 3. The rewrite's tensor manifest (`surgery.tensors.json`, `surgery.rewrite.tensor_manifest`): every
    input tensor the plan keeps is present, and every copied one holds exactly the input's bytes. This
    reads the output's data once; directories without a manifest (not a rewrite's output) skip it.
@@ -45,10 +47,13 @@ def verify_checkpoint(out_dir: str | Path, data: bool = True) -> dict:
             more = f" ({len(problems) - 1} more; `surgery inspect` lists them)" if len(problems) > 1 else ""
             _fail(first.rule, first.message + more, first.path or out_dir)
         serving = serving_report(model)
-        if not serving.working():
-            _fail("serving", serving.summary_lines()[0] if serving.name_problems else
-                  f"vLLM loads it at no tensor-parallel degree: {serving.settings[0].reasons[0]}", out_dir)
         warnings: list[str] = []
+        if not serving.working():
+            why = (serving.summary_lines()[0] if serving.name_problems else
+                   f"vLLM loads it at no tensor-parallel degree: {serving.settings[0].reasons[0]}")
+            if serving.precision == "w4a16":  # what surgery chose to write: a W4A16 no loader reads fails
+                _fail("serving", why, out_dir)
+            warnings.append(why)  # bf16 / FP8 shapes are the input's own: reported, not failed
         total = ckpt.index_metadata.get("total_size")
         if total is not None and str(total) != str(ckpt.total_bytes):
             # hub checkpoints are often off here and load fine (loaders ignore it): a warning, not a failure
