@@ -191,7 +191,8 @@ def main() -> None:
     (work / "serve-check.json").write_text(json.dumps({"rows": rows, "static": static_lines, "timings": timings,
                                                        "tolerance": TOL, "tie": TIE}, indent=2))
     print("\n| model | vLLM dtype | result | equal steps | near-ties | max Δ logprob | min ref gap | "
-          "pruning vs unpruned: steps from first divergence, max Δ logprob before it |\n|---|---|---|---:|---:|---:|---:|---:|")
+          "pruning vs unpruned: steps from first divergence, max Δ logprob before it |\n"
+          "|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
         if "steps_equal" in r:
             print(f"| {r['model']} | {r['dtype']} | {'ok' if r['ok'] else 'FAIL'} | {r['steps_equal']}/"
