@@ -9,14 +9,9 @@ floor=$(sed -n 's/^TRANSFORMERS_FLOOR = "\([^"]*\)".*/\1/p' surgery/compat.py)
 venv=.venv-floor
 py=$venv/bin/python
 start=$(date +%s)
-if ! "$py" -c "import sys, transformers; sys.exit(transformers.__version__ != '$floor')" >/dev/null 2>&1; then
-    echo "floor-check: creating $venv with transformers $floor"
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$py" -m pip install -q --upgrade pip
-    "$py" -m pip install -q "torch==2.13.0"
-    "$py" -m pip install -q -e . pytest "transformers==$floor"
-fi
+source tools/venv.sh  # ensure_venv
+ensure_venv "$venv" "import sys, surgery, pytest, transformers; sys.exit(transformers.__version__ != '$floor')" \
+    -e . pytest "transformers==$floor"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 "$py" -c "import transformers; print('floor-check: transformers', transformers.__version__)"
 "$py" -m pytest -q -p no:cacheprovider tests/test_oracle.py tests/test_calibrate.py -k minimax_m2
