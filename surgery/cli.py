@@ -42,6 +42,9 @@ _register()
 
 def main() -> None:
     try:
+        from surgery.compat import check_transformers
+
+        check_transformers()
         app()
     except SurgeryError as exc:
         print(f"surgery: error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ RANKS: dict[str, int] = {
     "surgery.faults": 0,
     "surgery.humanize": 0,
     "surgery.lock": 0,  # one lock per directory a command writes (errors, faults)
+    "surgery.compat": 0,  # the transformers versions we claim: keyword shims and the floor (errors)
     "surgery.synth": 0,  # a tiny random checkpoint from transformers (demo and tests); imports nothing of surgery
     # 1 - safetensors files: headers, reads, streaming writes, FP8 / W4A16 tensor formats
     "surgery.checkpoint": 1,

@@ -29,14 +29,18 @@ def quantize(src: Path, out: Path, work: Path, *extra: str, die_at: str | None =
              extra_env: dict | None = None) -> subprocess.CompletedProcess:
     data = src.parent / "text" / "code.calib.jsonl"
     return cli("quantize", str(src), "--out", str(out), "--method", "gptq", "--work", str(work), "--dataset",
-               str(data), "--samples", "6", "--max-length", "48", "--batch-size", "2", "--no-progress", *extra,
+               str(data), "--samples", "6", "--max-length", "48", "--batch-size", "2", "--no-progress",
+               "--group-size", "64", *extra,  # 64: whole groups of the fixture's hidden size 192
                die_at=die_at, extra_env=extra_env)
 
 
 def same_tree(a: Path, b: Path) -> None:
+    """Every file byte for byte, but the card, which names its own directory."""
     names = sorted(p.name for p in a.iterdir())
-    assert sorted(p.name for p in b.iterdir()) == names
+    assert sorted(p.name for p in b.iterdir()) == names and "README.md" in names
     for name in names:
+        if name == "README.md":
+            continue
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
@@ -63,6 +67,7 @@ def test_killed_gptq_resumes_to_identical_bytes(shared_fixtures, tmp_path):
     same_tree(tmp_path / "ref", out)
     check = cli("verify", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
+    assert f"vllm serve {out}" in (out / "README.md").read_text()  # OUT's own card
 
 
 def test_gptq_paged_equals_unpaged_and_differs_from_rtn(shared_fixtures, tmp_path):
@@ -72,7 +77,7 @@ def test_gptq_paged_equals_unpaged_and_differs_from_rtn(shared_fixtures, tmp_pat
     paged = quantize(src, tmp_path / "paged", tmp_path / "w2", extra_env={"SURGERY_EXPERTS_PER_CHUNK": "3"})
     assert paged.returncode == 0, paged.stderr
     same_tree(tmp_path / "one", tmp_path / "paged")
-    rtn = cli("quantize", str(src), "--out", str(tmp_path / "rtn"), "--no-progress")
+    rtn = cli("quantize", str(src), "--out", str(tmp_path / "rtn"), "--no-progress", "--group-size", "64")
     assert rtn.returncode == 0, rtn.stderr
     from safetensors.torch import load_file
 
@@ -89,10 +94,13 @@ def test_prune_then_gptq(shared_fixtures, tmp_path):
     out = tmp_path / "out"
     r = cli("prune", str(src), "--out", str(out), "--work", str(tmp_path / "w"), "--ratio", "0.5", "--dataset",
             str(data), "--samples", "6", "--max-length", "48", "--quantize", "w4a16", "--quantize-method", "gptq",
-            "--no-progress")
+            "--quantize-group-size", "64", "--no-progress")
     assert r.returncode == 0, r.stderr
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["packing_format"] == "auto_round:auto_gptq"
     assert cfg["num_local_experts"] == 16
     check = cli("verify", str(out))
     assert check.returncode == 0, check.stdout + check.stderr
+    card = (out / "README.md").read_text()  # OUT's own card: W4A16, its commands point at OUT
+    assert "W4A16" in card and f"vllm serve {out}" in card and "group 64" in card
+    assert "50% of the routed experts removed by REAP" in card and str(tmp_path / "w" / "pruned") not in card

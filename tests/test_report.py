@@ -122,7 +122,14 @@ def test_model_card(fp8, tiny_checkpoint, tmp_path):
     assert "| Experts per MoE layer | 8 → 4 (top-k 2, unchanged) |" in card
     assert "50% of routed experts removed, method `reap`" in card
     assert f"{int(saliency['num_tokens']):,} calibration tokens" in card and "`code.jsonl`" in card
-    assert command in card and f"vllm serve {out}" in card and "--trust-remote-code" in card
+    assert command in card and "--trust-remote-code" not in card  # no auto_map
+    # computed from the output's shapes (4 heads: TP 8 cannot split them), not a fixed 8; the FP8 copy's
+    # 24-wide blocks do not divide its 32-wide experts, which vLLM refuses at any TP
+    if fp8:
+        assert "vLLM loads this checkpoint at no setting" in card and "FP8 block 24" in card
+    else:
+        assert f"vllm serve {out}" in card and "--tensor-parallel-size 4  # loads at TP 1, 2, 4" in card
+        assert "- TP 8: does not load (4 attention heads do not divide by TP 8)" in card
     assert "1.7500 (5.75)" in card and "AutoModelForCausalLM.from_pretrained" in card
     assert ("fp8" in card) == fp8
 

@@ -27,7 +27,8 @@ QUANTIZABLE = [f for f in FAMILIES if f != "gpt_oss"]  # gpt-oss (experts fused 
 
 @pytest.fixture(scope="module")
 def w4(tiny_checkpoint, tmp_path_factory):
-    """family -> its W4A16 checkpoint (hidden 160: a full and a partial group; dense MLPs packed)."""
+    """family -> its W4A16 checkpoint (hidden 160 in groups of 32: every linear whole groups, so vLLM's
+    loader rules pass; dense MLPs packed)."""
     root = tmp_path_factory.mktemp("verify-w4")
     cache: dict[str, Path] = {}
 
@@ -35,7 +36,7 @@ def w4(tiny_checkpoint, tmp_path_factory):
         if family not in cache:
             cache[family] = root / family
             quantize(tiny_checkpoint(family, hidden_size=160), cache[family], method="rtn", quantize_dense=True,
-                     progress=False)
+                     progress=False, group_size=32)
         return cache[family]
 
     return build
@@ -108,9 +109,9 @@ def test_autoround_regex_extra_config_is_read_as_vllm_does(w4, tmp_path):
 
 def test_group_count_disagreeing_with_group_size_is_refused(w4, tmp_path):
     out = copy(w4("qwen3_moe"), tmp_path / "g")
-    edit_qcfg(out, lambda q: q.update(group_size=32))  # in 160: 5 groups of 32, but 2 (of 128) are stored
+    edit_qcfg(out, lambda q: q.update(group_size=64))  # in 160: 3 groups of 64, but 5 (of 32) are stored
     message = refusal(out)
-    assert "group_size 32" in message and ("qzeros" in message or "scales" in message) and "[5, " in message
+    assert "group_size 64" in message and ("qzeros" in message or "scales" in message) and "[3, " in message
 
 
 def test_packed_linear_declared_16_bit_is_refused(w4, tmp_path):

@@ -107,7 +107,8 @@ def _quantize_run(model_dir: str, out: str, method: str, work: str, inputs, batc
 
     t = time.perf_counter()
     summary = quantize(Path(model_dir), Path(out), method=method, group_size=GROUP, work=Path(work),
-                       inputs=inputs, batch_size=batch_size, device="cpu", dtype="float32", progress=False)
+                       inputs=inputs, batch_size=batch_size, device="cpu", dtype="float32", progress=False,
+                       partial_groups="pad")  # the fixture's hidden 192: AutoRound's padded partial group, as compared
     return {"seconds": time.perf_counter() - t,
             "peak_rss_mb": _vm_hwm_mb(),
             "rtn_fallback": int(summary.get("rtn_fallback", 0)), "output_bytes": int(summary["output_bytes"]),

@@ -63,8 +63,15 @@ def quantize_cmd(
 
 
 def report(summary: dict, out: Path) -> None:
-    from surgery.humanize import human_bytes
+    """Print what was done and write OUT's own model card (also when OUT was already complete, so a run
+    killed between config.json and the card leaves a card after the rerun)."""
+    import shlex
+    import sys
 
+    from surgery.humanize import human_bytes
+    from surgery.report.quant_card import write_quant_card
+
+    write_quant_card(out, "surgery " + shlex.join(sys.argv[1:]))
     console = Console(stderr=True, soft_wrap=True)
     if summary["already_complete"]:
         console.print(f"already complete: {out} (nothing to do)")
@@ -79,20 +86,21 @@ def report(summary: dict, out: Path) -> None:
                   f"{human_bytes(summary['output_bytes'])} in {summary['seconds']:.1f} s -> {out}")
 
 
-def pruned_destination(scheme: str | None, method: str, out: Path, work: Path) -> Path:
+def pruned_destination(scheme: str | None, method: str, out: Path, work: Path, group_size: int = 128) -> Path:
     """`surgery prune --quantize`: the pruned checkpoint goes to WORK/pruned and OUT is the quantized one
     (options are checked here, before any model work)."""
     if scheme is None:
         return out
-    check_quant_options(scheme, method, 128)
+    check_quant_options(scheme, method, group_size)
     return work / "pruned"
 
 
 def quantize_pruned(pruned: Path, out: Path, method: str, work: Path, data, batch_size: int, device: str, dtype: str,
-                    progress: bool, memory_budget: int | None = None) -> None:
+                    progress: bool, memory_budget: int | None = None, group_size: int = 128) -> None:
     """The last stage of `surgery prune --quantize w4a16`: quantize the pruned checkpoint into OUT."""
     from surgery.quant.pipeline import quantize
 
     summary = quantize(pruned, out, method=method, work=work / "quant", data=data, batch_size=batch_size,
-                       device=device, dtype=dtype, progress=progress, memory_budget=memory_budget)
+                       device=device, dtype=dtype, progress=progress, memory_budget=memory_budget,
+                       group_size=group_size)
     report(summary, out)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from surgery.arch.layer import LayerFactory
+from surgery.compat import causal_mask
 from surgery.errors import SurgeryError
 from surgery.faults import checkpoint as crash_point
 from surgery.faults import delay as test_delay
@@ -133,11 +134,11 @@ class LayerStream:
         m = torch.from_numpy(mask[s:e, :t].astype(np.int64)).to(self.device)
         x = x.to(self.device, self.dtype, non_blocking=True)
         pos = torch.arange(t, device=self.device).unsqueeze(0).expand(m.shape[0], t)
-        attn = build_mask(config=config, inputs_embeds=x, attention_mask=m, cache=None, position_ids=pos)
+        attn = causal_mask(build_mask, config, x, m, pos)  # keyword names differ across transformers versions
         pe = self.factory.rotary(x, pos) if self.factory.rotary is not None else None
         if observer is not None:
             observer.valid = (scored((s, e), m) if scored is not None else m).reshape(-1).bool()
-        y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe, cache=None, use_cache=False)
+        y = module(x, attention_mask=attn, position_ids=pos, position_embeddings=pe, use_cache=False)
         y = y[0] if isinstance(y, tuple) else y
         if not torch.isfinite(y[m.bool()]).all():
             raise SurgeryError(f"NaN/Inf in the hidden states after layer {layer} (samples {s}..{e - 1})",

@@ -1,9 +1,14 @@
 """The quantization_config a W4A16 checkpoint declares, in AutoRound's `auto_round:auto_gptq` form.
 
 vLLM's AutoRound loader (`quant_method: auto-round`) quantizes a module when its name starts with
-`block_name_to_quantize` unless `extra_config` names it (exact module name, on-disk naming) with
-`bits: 16`; fused modules (qkv, gate_up) look up each part. So every linear inside the decoder
-layers that stays 16-bit is listed by name, and lm_head too, as AutoRound's own export does.
+`block_name_to_quantize` unless `extra_config` names it with `bits: 16`; fused modules (qkv, gate_up)
+look up each part. Names are vLLM's module names, which are the checkpoint's for most families but not
+all (MiniMax-M2 stores `block_sparse_moe.*`, vLLM builds `mlp.*`: `surgery.arch.serving_rules`). So
+every linear inside the decoder layers that stays 16-bit is listed under its on-disk name (what
+transformers, AutoRound's readers and `surgery verify` look up) and, where it differs, under vLLM's;
+a layer whose routed experts stay 16-bit also lists vLLM's fused MoE module (`<moe>.experts`), which
+is what vLLM 0.32 matches (0.13 matches the keys that start with it); lm_head is listed too, as
+AutoRound's own export does.
 `quantize_config.json` carries the GPTQ-style summary the seed checkpoint ships beside it.
 """
 
@@ -11,6 +16,8 @@ from __future__ import annotations
 
 import surgery
 from surgery.arch.model import MoEModel
+from surgery.arch.serving import vllm_name
+from surgery.quant.targets import QuantTargets
 
 PACKING = "auto_round:auto_gptq"
 DAMP = 0.01
@@ -21,9 +28,18 @@ def block_name(model: MoEModel) -> str:
     return model.spec.layer_prefix.split("{layer}")[0].rstrip(".")
 
 
-def quantization_config(model: MoEModel, kept_linears: list[str], group_size: int, method: str,
+def unquantized_modules(model: MoEModel, targets: QuantTargets) -> list[str]:
+    """extra_config's 16-bit module names: on-disk, vLLM's where it differs, fused expert modules."""
+    family = model.spec.family
+    names = set(targets.kept_linears) | {vllm_name(family, n) for n in targets.kept_linears}
+    experts = model.spec.expert_key.split(".{expert}")[0]
+    names |= {vllm_name(family, model.moe_prefix(layer) + experts) for layer in targets.kept_expert_layers}
+    return sorted(names)
+
+
+def quantization_config(model: MoEModel, targets: QuantTargets, group_size: int, method: str,
                         gptq: dict | None = None) -> dict:
-    unquantized = {name: {"bits": 16, "data_type": "float"} for name in kept_linears}
+    unquantized = {name: {"bits": 16, "data_type": "float"} for name in unquantized_modules(model, targets)}
     head = model.spec.lm_head.removesuffix(".weight")
     if model.spec.lm_head in model.ckpt:
         unquantized[head] = {"bits": 16, "data_type": "float"}

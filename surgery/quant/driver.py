@@ -104,18 +104,19 @@ def gptq_source(model: MoEModel, work: Path, group_size: int):
 
 def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 128, quantize_dense: bool = False,
              batch_size: int = 8, device: str = "auto", dtype: str = "auto", progress: bool = True,
-             memory_budget: int | None = None, inputs=None) -> dict:
+             memory_budget: int | None = None, inputs=None, partial_groups: str = "keep") -> dict:
     """`surgery quantize --method gptq`: calibration data -> GPTQ layer by layer in WORK -> OUT.
     `inputs` (a `CalibrationInputs`: ids, mask and what identifies them) replaces `data` when given, for
-    callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file)."""
+    callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file).
+    `partial_groups`: `surgery.quant.targets.find_targets`'s."""
     from surgery.data.inputs import DataOptions, calibration_inputs
     from surgery.executor.calibrate import resolve_device, resolve_dtype
     from surgery.quant.gptq import DAMP
-    from surgery.quant.run import output_complete, write_quantized
+    from surgery.quant.run import output_complete, with_partial_groups, write_quantized
 
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
-        targets = find_targets(model, quantize_dense)
+        targets = find_targets(model, quantize_dense, group_size, partial_groups)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev, model)
         if inputs is None:
@@ -124,9 +125,10 @@ def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 
                     "dtype": str(dt).removeprefix("torch."), "damp": DAMP, "min_tokens": 2 * group_size,
                     "group_size": group_size, "quantize_dense": quantize_dense}
         extra = {"gptq": identity}
-        if output_complete(ckpt, out, "gptq", group_size, quantize_dense, extra):
+        if output_complete(ckpt, out, "gptq", group_size, quantize_dense, with_partial_groups(extra, partial_groups)):
             return write_quantized(model_dir, out, None, method="gptq", group_size=group_size,
-                                   quantize_dense=quantize_dense, job_extra=extra, progress=progress)
+                                   quantize_dense=quantize_dense, job_extra=extra, progress=progress,
+                                   partial_groups=partial_groups)
         fallback = calibrate_gptq(model, targets, work, identity, inputs.input_ids, inputs.attention_mask,
                                   group_size=group_size, batch_size=batch_size, device=dev, dtype=dt,
                                   progress=progress, memory_budget=memory_budget)
@@ -134,6 +136,7 @@ def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 
         summary = write_quantized(model_dir, out, source, method="gptq", group_size=group_size,
                                   quantize_dense=quantize_dense, job_extra=extra, progress=progress,
                                   gptq_config={"nsamples": int(inputs.input_ids.shape[0]),
-                                               "calibration_tokens": int(inputs.attention_mask.sum())})
+                                               "calibration_tokens": int(inputs.attention_mask.sum())},
+                                  partial_groups=partial_groups)
         summary["rtn_fallback"] = fallback + source.rtn
         return summary

@@ -64,6 +64,11 @@ def make_job(ckpt: Checkpoint, method: str, group_size: int, quantize_dense: boo
             "quantize_dense": quantize_dense, **(extra or {})}
 
 
+def with_partial_groups(extra: dict | None, partial_groups: str) -> dict | None:
+    """The job's options with a non-default partial-group rule recorded (it changes every output byte)."""
+    return extra if partial_groups == "keep" else {**(extra or {}), "partial_groups": partial_groups}
+
+
 def output_complete(ckpt: Checkpoint, out_dir: Path, method: str, group_size: int, quantize_dense: bool,
                     extra: dict | None) -> bool:
     """True when OUT already holds the finished result of this job (so GPTQ need not calibrate)."""
@@ -158,17 +163,18 @@ def _dequantizer(ckpt: Checkpoint, targets):
 
 def write_quantized(model_dir: str | Path, out_dir: str | Path, source: Source, *, method: str, group_size: int,
                     quantize_dense: bool = False, job_extra: dict | None = None, gptq_config: dict | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, partial_groups: str = "keep") -> dict:
     """Write the W4A16 checkpoint of MODEL to OUT with quantized tensors from `source`; resumable.
-    Returns a summary (bytes, shards written/reused, tensors quantized, seconds)."""
+    Returns a summary (bytes, shards written/reused, tensors quantized, seconds). `partial_groups`:
+    `surgery.quant.targets.find_targets`'s ("pad" is AutoRound's, which no vLLM kernel loads)."""
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(os.path.abspath(out_dir))
     _check_paths(model_dir, out_dir)
     with Checkpoint(model_dir) as ckpt:
         model = MoEModel(ckpt)
-        targets = find_targets(model, quantize_dense)
+        targets = find_targets(model, quantize_dense, group_size, partial_groups)
         layout = plan_quant_layout(model, targets, group_size)
-        job = make_job(ckpt, method, group_size, quantize_dense, job_extra)
+        job = make_job(ckpt, method, group_size, quantize_dense, with_partial_groups(job_extra, partial_groups))
         jhash = job_hash(job)
         written = [s for s in layout if s.tensors]
         summary = {"out": str(out_dir), "method": method, "group_size": group_size, "shards": len(written),
@@ -196,11 +202,11 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, source: Source, 
             elif [s.name for s in written] != [SINGLE_NAME]:
                 raise SurgeryError("internal error: single-file checkpoint produced other shards", out_dir)
             copy, skipped = _extra_files(model_dir, set(ckpt.shards))
-            for rel in copy:
-                if rel.as_posix() not in ("quantization_config.json", "quantize_config.json"):
+            for rel in copy:  # README.md: the input's card describes the input; the command writes OUT's own
+                if rel.as_posix() not in ("quantization_config.json", "quantize_config.json", "README.md"):
                     _copy_file(model_dir / rel, out_dir / rel)
             summary["skipped_files"] = [p.as_posix() for p in skipped]
-            qcfg = quantization_config(model, targets.kept_linears, group_size, method, gptq_config)
+            qcfg = quantization_config(model, targets, group_size, method, gptq_config)
             write_json_atomic(out_dir / "quantization_config.json", qcfg, indent=2)
             write_json_atomic(out_dir / "quantize_config.json", quantize_config(qcfg), indent=2)
             write_json_atomic(out_dir / PROVENANCE, _provenance(model_dir, model, job, jhash, summary), indent=2)

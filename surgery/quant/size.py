@@ -20,7 +20,7 @@ def packed_bytes(out_features: int, in_features: int, group_size: int = 128) -> 
 def w4a16_size(model: MoEModel, keep_fraction: float = 1.0, group_size: int = 128) -> int:
     """Output bytes of `surgery quantize` (RTN or GPTQ: the same layout) on this checkpoint, with each
     routed expert's and router's bytes scaled by `keep_fraction` (pruning first keeps that share)."""
-    targets = find_targets(model)
+    targets = find_targets(model, group_size=group_size)
     total = 0.0
     for name, info in model.ckpt.tensors.items():
         if name in targets.consumed:

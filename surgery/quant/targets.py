@@ -7,6 +7,14 @@ lm_head, MTP extras (enorm/hnorm/eh_proj/shared_head), and — as AutoRound does
 output or input size is not a multiple of 32 (the packing and the serving kernels need it). Linear
 modules inside the decoder layers that stay 16-bit are listed so that `extra_config` can say so.
 
+Partial groups (`partial_groups`): a linear whose input size is not a multiple of the group size has a
+partial last group. AutoRound pads it with zeros and quantizes it, but no vLLM kernel sizes the scales of
+such a weight (`surgery.arch.serving_rules`), so by default ("keep") it stays 16-bit; and because vLLM
+fuses q/k/v, gate/up and a layer's routed experts into modules that are quantized or not as a whole,
+one part kept 16-bit keeps its whole fused module 16-bit. "pad" is AutoRound's selection exactly (the
+bit-identity tests and the comparisons with AutoRound's own outputs use it; `verify` reports such an
+output as loadable by no vLLM setting). Nothing left to quantize is refused in one line.
+
 FP8 block-scaled inputs: a quantized weight's `weight_scale_inv` is consumed; an FP8 weight that is not
 quantized is written dequantised in the checkpoint's compute dtype (the output's quantization_config
 is W4A16, so nothing may stay FP8).
@@ -48,6 +56,7 @@ class QuantTargets:
     kept_linears: list[str] = field(default_factory=list)  # module names left 16-bit inside the layers
     fp8_dequant: dict[str, str] = field(default_factory=dict)  # FP8 weight kept unquantized -> its scale
     consumed: set[str] = field(default_factory=set)  # scale tensors that are not written
+    kept_expert_layers: set[int] = field(default_factory=set)  # layers whose routed experts stay 16-bit
 
     def by_layer(self, layer: int) -> list[Target]:
         return [t for t in self.targets.values() if t.layer == layer]
@@ -61,9 +70,16 @@ def check_quantizable(model: MoEModel) -> None:
                            "W4A16 packs 2-D linear weights only", model.ckpt.directory)
 
 
-def find_targets(model: MoEModel, quantize_dense: bool = False) -> QuantTargets:
+PARTIAL_GROUPS = ("keep", "pad")
+
+
+def find_targets(model: MoEModel, quantize_dense: bool = False, group_size: int = 128,
+                 partial_groups: str = "keep") -> QuantTargets:
     """Classify every tensor of the checkpoint for W4A16 (headers only, no tensor data read)."""
     check_quantizable(model)
+    if partial_groups not in PARTIAL_GROUPS:
+        raise ValueError(f"partial_groups must be one of {PARTIAL_GROUPS}, not {partial_groups!r}")
+    partial = group_size if partial_groups == "keep" else None
     spec, ckpt = model.spec, model.ckpt
     moe_layers = set(model.moe_layers) | set(model.mtp_expert_layers())
     shared = tuple(spec.moe_disk + "." + s for s in spec.shared_experts)
@@ -92,7 +108,7 @@ def find_targets(model: MoEModel, quantize_dense: bool = False) -> QuantTargets:
         elif layer not in moe_layers and rel.startswith(spec.dense_mlp) and quantize_dense:
             kind = "dense"
         out_f, in_f = info.shape
-        if kind is None or out_f % ALIGN or in_f % ALIGN:
+        if kind is None or out_f % ALIGN or in_f % ALIGN or (partial and in_f % partial):
             out.kept_linears.append(name.removesuffix(".weight"))
             if has_scale:
                 out.fp8_dequant[name] = name.removesuffix("weight") + SCALE_SUFFIX
@@ -108,7 +124,48 @@ def find_targets(model: MoEModel, quantize_dense: bool = False) -> QuantTargets:
                                    proj_role, scale)
         if scale:
             out.consumed.add(scale)
+    if partial_groups == "keep":  # "pad" is AutoRound's selection exactly, loadable or not
+        _keep_fused_modules_whole(out)
+        _keep_whole_expert_layers(model, out)
     for scale in out.fp8_dequant.values():
         out.consumed.add(scale)
     out.kept_linears.sort()
+    if not out.targets:
+        raise SurgeryError(f"nothing to quantize at group size {group_size}: no attention or expert linear has "
+                           f"an input size that is a multiple of it (a partial group loads in no vLLM kernel); "
+                           f"choose a --group-size that divides the hidden and intermediate sizes", ckpt.directory)
     return out
+
+
+def _keep_fused_modules_whole(out: QuantTargets) -> None:
+    """vLLM fuses q/k/v (and gate/up of a dense or shared MLP) into one module, quantized or not as a
+    whole: if one part stays 16-bit (e.g. k/v with an output that is not a multiple of 32), all do."""
+    from surgery.arch.serving_rules import FUSED_PARTS
+
+    def fused(module: str) -> str | None:
+        stem, _, part = module.rpartition(".")
+        return f"{stem}.{FUSED_PARTS[part]}" if part in FUSED_PARTS else None
+
+    kept = {fused(m) for m in out.kept_linears} - {None}
+    for name, t in list(out.targets.items()):
+        if t.kind != "expert" and fused(t.module) in kept:
+            del out.targets[name]
+            out.kept_linears.append(t.module)
+            if t.scale:
+                out.fp8_dequant[name] = t.scale
+
+
+def _keep_whole_expert_layers(model: MoEModel, out: QuantTargets) -> None:
+    """A layer's routed experts are one module in vLLM, quantized or not as a whole: if any expert
+    linear of a layer stays 16-bit, all of them do."""
+    kept = {model.layer_of(n) for n in out.kept_linears if model.classify(n + ".weight").kind == "expert"}
+    kept.discard(None)
+    if not kept:
+        return
+    for name, t in list(out.targets.items()):
+        if t.kind == "expert" and t.layer in kept:
+            del out.targets[name]
+            out.kept_linears.append(t.module)
+            if t.scale:
+                out.fp8_dequant[name] = t.scale
+    out.kept_expert_layers = set(kept)

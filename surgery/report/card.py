@@ -3,7 +3,8 @@
 Everything on the card is computed, not typed: parameter counts and sizes from the source's shard
 headers and the plan (an expert's tensors are dropped whole, a router keeps one row per kept expert),
 experts per layer from the plan, calibration from saliency.json and the calibration manifest,
-evaluation from eval.json, and the command that made it as given by the caller.
+evaluation from eval.json, the `vllm serve` settings from the output's own shapes
+(`surgery.report.serving`), and the command that made it as given by the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from surgery.checkpoint.fp8 import SCALE_SUFFIX
 from surgery.checkpoint.reader import Checkpoint
 from surgery.humanize import human_bytes, layer_ranges
 from surgery.report.report import eval_markdown
+from surgery.report.serving import vllm_lines
 
 CITATION = "\n".join([
     "@article{lasby2025reap,",
@@ -190,9 +192,8 @@ def write_model_card(out_dir: str | Path, source_dir: str | Path, plan: dict, sa
               "## Usage", "", "### transformers", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
               f'model = AutoModelForCausalLM.from_pretrained("{out_dir}", dtype="auto", device_map="auto"{load_extra})',
-              f'tokenizer = AutoTokenizer.from_pretrained("{out_dir}")', "```", "", "### vLLM", "", "```bash",
-              f"vllm serve {out_dir} \\", "    --trust-remote-code \\", f"    --served-model-name {name} \\",
-              "    --tensor-parallel-size 8  # your GPU count", "```", "",
+              f'tokenizer = AutoTokenizer.from_pretrained("{out_dir}")', "```", "", "### vLLM", "",
+              *vllm_lines(out_dir, name, remote),
               "## Reproduction", "", "```bash", command.strip(), "```", "",
               f"Plan sha256 `{plan_hash(plan)}`; source fingerprint "
               f"`{str((plan.get('source') or {}).get('sha256'))[:16]}`.", "",

@@ -7,7 +7,12 @@ Two parts, both ending in one line naming the rule that failed:
    quantized weights carry their scales, experts are exactly 0..n-1 in every MoE layer with identical
    tensor sets, routers have n rows and biases n entries, no tensor of a dropped expert remains. So an
    output that no loader could use cannot pass, whatever the rewrite did.
-2. The rewrite's tensor manifest (`surgery.tensors.json`, `surgery.rewrite.tensor_manifest`): every
+2. vLLM's loader rules (`surgery.arch.serving`): which `vllm serve` settings (tensor-parallel degrees
+   1/2/4/8, expert parallelism) load it. A W4A16 output that loads at none of them (a linear with a
+   partial group, a 16-bit module vLLM would build 4-bit, q/k/v in different forms) fails; a bf16 or FP8
+   one only warns (its shapes are the input's: pruning changes the expert count, not a block or a head);
+   the settings that work are reported.
+3. The rewrite's tensor manifest (`surgery.tensors.json`, `surgery.rewrite.tensor_manifest`): every
    input tensor the plan keeps is present, and every copied one holds exactly the input's bytes. This
    reads the output's data once; directories without a manifest (not a rewrite's output) skip it.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from surgery.arch.model import MoEModel
+from surgery.arch.serving import serving_report
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.rewrite.tensor_manifest import TENSORS_FILE, tensor_manifest_problems
@@ -40,7 +46,14 @@ def verify_checkpoint(out_dir: str | Path, data: bool = True) -> dict:
             first = problems[0]
             more = f" ({len(problems) - 1} more; `surgery inspect` lists them)" if len(problems) > 1 else ""
             _fail(first.rule, first.message + more, first.path or out_dir)
+        serving = serving_report(model)
         warnings: list[str] = []
+        if not serving.working():
+            why = (serving.summary_lines()[0] if serving.name_problems else
+                   f"vLLM loads it at no tensor-parallel degree: {serving.settings[0].reasons[0]}")
+            if serving.precision == "w4a16":  # what surgery chose to write: a W4A16 no loader reads fails
+                _fail("serving", why, out_dir)
+            warnings.append(why)  # bf16 / FP8 shapes are the input's own: reported, not failed
         total = ckpt.index_metadata.get("total_size")
         if total is not None and str(total) != str(ckpt.total_bytes):
             # hub checkpoints are often off here and load fine (loaders ignore it): a warning, not a failure
@@ -66,4 +79,7 @@ def verify_checkpoint(out_dir: str | Path, data: bool = True) -> dict:
             "total_bytes": ckpt.total_bytes,
             "tensors_compared": checked[1] if checked is not None else 0,
             "warnings": warnings,
+            "serving": serving.to_dict(),
+            "serving_summary": serving.summary_lines(),
+            "serve_flags": [s.flags for s in serving.working()],
         }
