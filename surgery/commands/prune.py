@@ -51,7 +51,11 @@ def prune_cmd(
     quantize_scheme: str | None = typer.Option(None, "--quantize", help="Then quantize the pruned model: w4a16 "
                                                "(OUT is W4A16; the pruned checkpoint stays in WORK/pruned)."),
     quantize_method: str = typer.Option("rtn", "--quantize-method",
-                                        help="rtn or gptq (calibrated on the same data as the pruning)."),
+                                        help="rtn, gptq or autoround (calibrated on the same data as the "
+                                             "pruning)."),
+    iters: int = typer.Option(200, "--iters", help="--quantize-method autoround: tuning steps per layer."),
+    lr: float | None = typer.Option(None, "--lr", help="--quantize-method autoround: learning rate (default "
+                                                       "1 / iters)."),
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Calibrate, plan, rewrite, verify and write a model card (OUT/README.md) in one command, then quantize
@@ -73,11 +77,11 @@ def prune_cmd(
     from surgery.commands.quantize import pruned_destination, quantize_pruned
 
     work = work or out.with_name(out.name + ".work")
-    pruned = pruned_destination(quantize_scheme, quantize_method, out, work)
+    pruned = pruned_destination(quantize_scheme, quantize_method, out, work, iters, lr)
     prune(resolve_model(model), pruned, work, data, opts,
           method or chosen_method, chosen_ratio, seed=data.seed,
           progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
           merge_saliency=merge_saliency)
     if quantize_scheme is not None:
         quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
-                        o.memory_bytes(memory_budget))
+                        o.memory_bytes(memory_budget), iters, lr)

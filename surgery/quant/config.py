@@ -44,6 +44,8 @@ def quantization_config(model: MoEModel, kept_linears: list[str], group_size: in
     }
     if method == "gptq":
         cfg.update({"damp_percent": DAMP, "true_sequential": False, "static_groups": False, **(gptq or {})})
+    elif method == "autoround":  # tuned (SignRound): iters, nsamples, seqlen, lr... as AutoRound records them
+        cfg.update(gptq or {})
     return cfg
 
 

@@ -10,18 +10,28 @@ from surgery.checkpoint.reader import Checkpoint
 def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int = 128,
              quantize_dense: bool = False, work: Path | None = None, data=None, batch_size: int = 8,
              device: str = "auto", dtype: str = "auto", progress: bool = True,
-             memory_budget: int | None = None, inputs=None) -> dict:
-    """`surgery quantize`. GPTQ calibrates on `data` (a `DataOptions`), or on `inputs` (a
-    `CalibrationInputs` of pre-tokenised ids and mask) when given."""
+             memory_budget: int | None = None, inputs=None, tuning=None, reference: str = "float") -> dict:
+    """`surgery quantize`. GPTQ and autoround calibrate on `data` (a `DataOptions`), or on `inputs` (a
+    `CalibrationInputs` of pre-tokenised ids and mask) when given. autoround: `tuning` is a
+    `SignRoundOptions` (default AutoRound's; its batch size replaces `batch_size`), `reference` the
+    tuning target ("float": AutoRound's float chain; "quantized": the float layer on the same inputs)."""
     from surgery.quant.run import rtn_source, write_quantized
 
     if method == "rtn":
         with Checkpoint(model_dir) as ckpt:
             return write_quantized(model_dir, out, rtn_source(ckpt, group_size), method="rtn",
                                    group_size=group_size, quantize_dense=quantize_dense, progress=progress)
+    work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
+    if method == "autoround":
+        from surgery.quant.autoround_driver import run_autoround
+        from surgery.quant.signround import SignRoundOptions
+
+        tuning = tuning or SignRoundOptions(batch_size=batch_size)
+        return run_autoround(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
+                             opts=tuning, reference=reference, device=device, dtype=dtype, progress=progress,
+                             memory_budget=memory_budget, inputs=inputs)
     from surgery.quant.driver import run_gptq
 
-    work = Path(work) if work is not None else out.with_name(out.name + ".quant-work")
     return run_gptq(model_dir, out, work, data, group_size=group_size, quantize_dense=quantize_dense,
                     batch_size=batch_size, device=device, dtype=dtype, progress=progress,
                     memory_budget=memory_budget, inputs=inputs)
