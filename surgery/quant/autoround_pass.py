@@ -133,14 +133,15 @@ class AutoRoundPass(LayerPass):
 
     # ---------------------------------------------------------------- memory
     def tune_bytes(self, layer: int, tokens: int) -> int:
-        """SignRound's state for every quantized weight of the layer (`RoundedWeight.nbytes`), the
-        reference outputs and the float chain (float32 at most), and one step's activations (a generous
-        bound: 24 hidden-sized float32 values per routed slot of a batch's tokens)."""
+        """SignRound's state for every quantized weight of the layer (`RoundedWeight.nbytes`, and the bf16
+        copy of a padded weight), the reference outputs and the float chain (float32 at most), and one
+        step's activations (a generous bound: 24 hidden-sized float32 values per routed slot of a batch's
+        tokens)."""
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         state = 0
         for t in self.targets.by_layer(layer):
             n = t.out_features * num_groups(t.in_features, self.group_size) * self.group_size
-            state += n * 14 + 8 * t.out_features * t.in_features
+            state += n * 18 + (2 * n if t.in_features % self.group_size else 0)  # RoundedWeight.nbytes, pad
         k = int(getattr(self.model.hf_config, "num_experts_per_tok", 1) or 1)
         step = self.opts.batch_size * self.mask.shape[1] * hidden * 4 * 24 * (k + 1)
         return state + 2 * tokens * hidden * 4 + step
@@ -157,14 +158,17 @@ class AutoRoundPass(LayerPass):
         built = runner.weights if runner is not None else {}
         tuned_params = {self._expert_rows(t)[0] for t in order if t.kind == "expert"}
         current: dict[str, torch.Tensor] = dict(built)
+        routed: list[torch.Tensor] = []  # tokens per expert, counted during the reference run
         original = experts.forward if experts is not None else None
         if experts is not None:
             experts.forward = types.MethodType(
-                lambda mod, x, idx, w: _experts_forward(mod, current, x, idx, w), experts)
+                lambda mod, x, idx, w: _experts_forward(mod, current, x, idx, w, routed), experts)
         try:
             for name, lin in resident.items():
                 lin.weight = floats[name].detach()
             ref = self._reference(layer, inputs, forward)
+            reached = sum(routed) if routed else None
+            routed.append(None)  # stop counting: the tuning steps route other (sampled, quantized) tokens
             device = next(iter(inputs.values())).device if not floats and not built else \
                 next(iter({**floats, **built}.values())).device
             rounded = {name: RoundedWeight(w, self.group_size) for name, w in floats.items()}
@@ -186,7 +190,7 @@ class AutoRoundPass(LayerPass):
             nsamples = self.mask.shape[0]
             result = sign_round(list(rounded.values()), loss_of, nsamples, self.opts,
                                 seed=self.opts.seed * 1_000_003 + layer)
-            self._emit_layer(layer, order, rounded, floats, built)
+            self._emit_layer(layer, order, rounded, floats, built, reached)
         finally:
             for name, lin in resident.items():
                 lin.__dict__.pop("weight", None)
@@ -216,7 +220,8 @@ class AutoRoundPass(LayerPass):
         return out
 
     def _emit_layer(self, layer: int, order: list[Target], rounded: dict[str, RoundedWeight],
-                    floats: dict[str, torch.Tensor], built: dict[str, torch.Tensor]) -> None:
+                    floats: dict[str, torch.Tensor], built: dict[str, torch.Tensor],
+                    reached: torch.Tensor | None) -> None:
         """Pack the tuned levels, stream them into the layer file, decode them into the layer."""
         entries = []
         for t in order:
@@ -237,9 +242,7 @@ class AutoRoundPass(LayerPass):
             per_expert = built[param].shape[1]
             first = t.expert * per_expert + row
             q, s = (x[first:first + t.out_features] for x in levels[param])
-            r = rounded[param]
-            v = r.v.detach().reshape(r.rows, -1)[first:first + t.out_features]
-            untouched += int(not bool(v.any()))
+            untouched += int(reached is not None and int(reached[t.expert]) == 0)
             rows = built[param][t.expert, row:row + t.out_features]
             rows.copy_(self._write(t, q, s).to(rows.dtype))
         self.rtn_fallback[layer] = untouched
@@ -272,13 +275,18 @@ class AutoRoundPass(LayerPass):
 
 
 def _experts_forward(experts: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     routed: list | None = None) -> torch.Tensor:
     """Σ_k w_k E_k(x) over the routed experts, differentiable: tokens sorted by expert, one grouped
-    linear per projection (`grouped_linear`), the experts module's own activation."""
+    linear per projection (`grouped_linear`), the experts module's own activation. `routed` (until it
+    ends with None) collects the tokens per expert."""
     gate_up, down = weights["gate_up_proj"], weights["down_proj"]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    per_expert = torch.bincount(flat, minlength=gate_up.shape[0])
+    if routed is not None and (not routed or routed[-1] is not None):
+        routed.append(per_expert.cpu())
+    counts = per_expert.tolist()
     token_of = torch.div(order, top_k_index.shape[1], rounding_mode="floor")
     h = grouped_linear(x[token_of], gate_up, counts)
     if hasattr(experts, "_apply_gate"):

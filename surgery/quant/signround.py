@@ -56,29 +56,62 @@ class SignRoundOptions:
         return self.minmax_lr if self.minmax_lr is not None else self.rate
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round() forward, identity backward (AutoRound's `round_ste`)."""
-    return (x.round() - x).detach() + x
+class _QDQ(torch.autograd.Function):
+    """scale x clamp(round(w / scale + v), -8, 7) with AutoRound's gradients (round passes them straight
+    through, clamp stops them outside the levels), written out so the backward keeps one int8 per weight
+    (the rounded value) instead of autograd's float32 intermediates: a whole layer's experts are tuned at
+    once, and this is most of their memory."""
+
+    @staticmethod
+    def forward(ctx, grouped: torch.Tensor, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        sf = scale.float()
+        r = (grouped / sf).add_(v).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
+        r8 = r.clamp_(-128, 127).to(torch.int8)
+        ctx.save_for_backward(grouped, r8, scale)
+        return r.clamp_(-MAXQ, MAXQ - 1).mul_(sf)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grouped, r8, scale = ctx.saved_tensors
+        sf = scale.float()
+        inside = (r8 >= -MAXQ) & (r8 <= MAXQ - 1)
+        q = r8.clamp(-MAXQ, MAXQ - 1).float()
+        dv = (grad * sf).mul_(inside)
+        # autograd's two paths to the fp16 scale, each reduced in float32 and cast to fp16, then added:
+        # the product scale * q, and the division w / scale inside the rounding
+        d_mul = (grad * q).sum(-1, keepdim=True).to(scale.dtype)
+        d_div = (-dv * (grouped.float() / sf / sf)).sum(-1, keepdim=True).to(scale.dtype)
+        return None, dv, d_mul + d_div
 
 
 class RoundedWeight:
     """One weight `[out, in]`, or a stack of them `[n, out, in]` whose rows are quantized independently
-    (a layer's fused experts), with its SignRound parameters."""
+    (a layer's fused experts), with its SignRound parameters. The weight is rounded to bf16 in place
+    (AutoRound's amp cast; the caller's tensor then holds the values quantization sees) and, when its
+    groups are whole, read from there without a copy."""
 
     def __init__(self, weight: torch.Tensor, group_size: int) -> None:
         self.shape = tuple(weight.shape)
         self.in_features = self.shape[-1]
         self.group_size = group_size
         self.groups = num_groups(self.in_features, group_size)
-        rows = weight.detach().reshape(-1, self.in_features).to(torch.bfloat16)
+        rows = weight.detach().reshape(-1, self.in_features)
         self.rows = rows.shape[0]
-        self.grouped = grouped_rows(rows, group_size)  # [rows * groups, G] bf16 (AutoRound's amp cast)
-        self.wmin = torch.clamp(self.grouped.min(-1)[0], max=0)
-        self.wmax = torch.clamp(self.grouped.max(-1)[0], min=0)
+        if self.in_features % group_size and self.in_features > group_size:
+            self.grouped = grouped_rows(rows.to(torch.bfloat16), group_size)  # a zero-padded copy
+        else:
+            if rows.dtype != torch.bfloat16:
+                for i in range(0, self.rows, 4096):
+                    rows[i:i + 4096].copy_(rows[i:i + 4096].to(torch.bfloat16))
+            self.grouped = grouped_rows(rows, group_size)  # [rows * groups, G], a view
+        self.wmin = torch.clamp(self.grouped.min(-1)[0], max=0).to(torch.bfloat16)
+        self.wmax = torch.clamp(self.grouped.max(-1)[0], min=0).to(torch.bfloat16)
         dev = weight.device
         self.v = torch.zeros(self.grouped.shape, dtype=torch.float32, device=dev, requires_grad=True)
         self.min_scale = torch.ones(self.grouped.shape[0], dtype=torch.float32, device=dev, requires_grad=True)
         self.max_scale = torch.ones(self.grouped.shape[0], dtype=torch.float32, device=dev, requires_grad=True)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (levels int8, scale) of the last qdq
+        self.best: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def params(self) -> list[torch.Tensor]:
         return [self.v, self.min_scale, self.max_scale]
@@ -95,9 +128,6 @@ class RoundedWeight:
         scale = torch.where(scale < 0, torch.clamp(scale, max=-SCALE_FLOOR), torch.clamp(scale, min=SCALE_FLOOR))
         return scale.unsqueeze(-1)
 
-    def _levels(self, scale: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(_round_ste(self.grouped / scale + self.v), -MAXQ, MAXQ - 1)
-
     def _ungroup(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(self.rows, -1)[:, :self.in_features].reshape(self.shape)
 
@@ -106,22 +136,33 @@ class RoundedWeight:
         scale x level is taken in float32, so in float32 it is exactly what the W4A16 reader decodes;
         in bf16 it is AutoRound's own bf16 qdq weight."""
         scale = self.scale()
-        return self._ungroup(scale.float() * self._levels(scale)).to(dtype)
+        out = _QDQ.apply(self.grouped, self.v, scale)
+        self._last = (scale.detach(), out)
+        return self._ungroup(out).to(dtype)
+
+    def keep(self) -> None:
+        """Remember the levels and scales of the last `qdq` (the step with the lowest loss so far)."""
+        scale, out = self._last
+        with torch.no_grad():
+            levels = torch.round(out.detach() / scale.float()).to(torch.int8)
+        self.best = (levels, scale.clone())
 
     @torch.no_grad()
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels uint8 `[rows, in]` in 0..15, scales fp16 `[rows, groups]`) of the current parameters,
-        rows in the order of the weight's leading dims (expert, then output)."""
-        scale = self.scale()
-        q = (self._levels(scale) + MAXQ).to(torch.uint8)
-        levels = q.reshape(self.rows, -1)[:, :self.in_features]
-        return levels.contiguous(), scale.reshape(self.rows, self.groups)
+        """(levels uint8 `[rows, in]` in 0..15, scales fp16 `[rows, groups]`) of the kept step (else of
+        the current parameters), rows in the order of the weight's leading dims (expert, then output)."""
+        if self.best is not None:
+            levels, scale = self.best
+        else:
+            scale = self.scale()
+            levels = torch.round(self.grouped.float() / scale.float() + self.v).clamp_(-MAXQ, MAXQ - 1)
+        q = (levels.to(torch.int16) + MAXQ).to(torch.uint8)
+        return q.reshape(self.rows, -1)[:, :self.in_features].contiguous(), scale.reshape(self.rows, self.groups)
 
     def nbytes(self) -> int:
-        """What tuning holds for this weight besides the weight itself: the bf16 groups, v, its gradient
-        and best copy, the fake-quantised weight and its gradient (float32)."""
-        n = self.grouped.numel()
-        return n * (2 + 4 * 3) + 2 * 4 * math.prod(self.shape)
+        """What tuning holds per weight element besides the weight: v and its gradient (float32), the
+        rounded and the kept levels (int8), the fake-quantised weight and its gradient (float32)."""
+        return self.grouped.numel() * (4 + 4 + 1 + 1 + 4 + 4)
 
 
 class IndexSampler:
@@ -154,13 +195,12 @@ class TuneResult:
 def sign_round(weights: Sequence[RoundedWeight], loss_of: Callable[[list[int]], torch.Tensor], nsamples: int,
                opts: SignRoundOptions, seed: int | None = None) -> TuneResult:
     """Tune `weights` in place: `loss_of(rows)` is the MSE of the layer's output on calibration rows `rows`
-    through the current fake-quantised weights (differentiable in their parameters). Leaves the
-    parameters of the lowest-loss step in the weights."""
+    through the current fake-quantised weights (each weight's `qdq` called once, differentiable in their
+    parameters). Each weight keeps the levels and scales of the lowest-loss step (`quantized`)."""
     rounding = [w.v for w in weights]
     factors = [p for w in weights for p in (w.min_scale, w.max_scale)]
     sampler = IndexSampler(nsamples, opts.batch_size, opts.seed if seed is None else seed)
     best_loss, best_iter, init_loss = math.inf, 0, math.nan
-    best: list[torch.Tensor] | None = None
     for i in range(opts.iters):
         loss = loss_of(sampler.next_batch())
         (loss * LOSS_SCALE).backward()
@@ -169,7 +209,8 @@ def sign_round(weights: Sequence[RoundedWeight], loss_of: Callable[[list[int]], 
             init_loss = value
         if value < best_loss:
             best_loss, best_iter = value, i
-            best = [p.detach().clone() for p in rounding + factors]
+            for w in weights:
+                w.keep()
         decay = 1.0 - i / opts.iters  # LinearLR(start_factor=1, end_factor=0, total_iters=iters)
         with torch.no_grad():
             for params, rate in ((rounding, opts.rate), (factors, opts.minmax_rate)):
@@ -177,8 +218,6 @@ def sign_round(weights: Sequence[RoundedWeight], loss_of: Callable[[list[int]], 
                     if p.grad is not None:
                         p.add_(torch.sign(p.grad), alpha=-rate * decay)
                         p.grad = None
-    if best is not None:
-        with torch.no_grad():
-            for p, b in zip(rounding + factors, best, strict=True):
-                p.copy_(b)
-    return TuneResult(init_loss, best_loss if best is not None else math.nan, best_iter, opts.iters)
+    for w in weights:
+        w._last = None
+    return TuneResult(init_loss, best_loss, best_iter, opts.iters)
