@@ -487,8 +487,8 @@ class LayerEngine:
                                    f"({experts / 1e6:.0f} MB as {str(self.dtype).removeprefix('torch.')}), the "
                                    f"tuning state ({state / 1e6:.0f} MB) and its inputs ({inputs / 1e6:.0f} MB) "
                                    f"need {need / 1e6:.0f} MB and the memory budget leaves "
-                                   f"{max(free_dev, 0) / 1e6:.0f} MB {'on the device' if on_device else ''}; "
-                                   "raise --memory-budget or calibrate on fewer tokens", self.model.ckpt.directory)
+                                   f"{max(free_dev, 0) / 1e6:.0f} MB{' on the device' if on_device else ''}; "
+                                   "raise --memory-budget (or calibrate on fewer tokens)", self.model.ckpt.directory)
         return e, 0, e
 
     def _should_stop(self) -> bool:
