@@ -101,3 +101,11 @@ def test_bad_tuning_options_fail_in_one_line(shared_fixtures, tmp_path):
         assert run.returncode == 2, run.stderr
         assert len(run.stderr.strip().splitlines()) == 1 and "--iters" in run.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_a_layer_that_cannot_fit_is_refused_in_one_line(shared_fixtures, tmp_path):
+    run = quantize(shared_fixtures / "tinymoe-m2", tmp_path / "o", tmp_path / "w", "--memory-budget", "300MB")
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.strip().splitlines() if not line.startswith("data ")]
+    assert len(lines) == 1 and "layer 0: tuning holds the whole layer" in lines[0] and "routed experts" in lines[0]
+    assert not (tmp_path / "o" / "config.json").exists()
