@@ -63,16 +63,17 @@ class _QDQ(torch.autograd.Function):
     once, and this is most of their memory."""
 
     @staticmethod
-    def forward(ctx, grouped: torch.Tensor, v: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, grouped: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         sf = scale.float()
         r = (grouped / sf).add_(v).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
         r8 = r.clamp_(-128, 127).to(torch.int8)
         ctx.save_for_backward(grouped, r8, scale)
-        return r.clamp_(-MAXQ, MAXQ - 1).mul_(sf)
+        return r.clamp_(-MAXQ, MAXQ - 1).mul_(sf).to(dtype)  # the product in float32, then `dtype`
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grouped, r8, scale = ctx.saved_tensors
+        grad = grad.float()
         sf = scale.float()
         inside = (r8 >= -MAXQ) & (r8 <= MAXQ - 1)
         q = r8.clamp(-MAXQ, MAXQ - 1).float()
@@ -81,7 +82,7 @@ class _QDQ(torch.autograd.Function):
         # the product scale * q, and the division w / scale inside the rounding
         d_mul = (grad * q).sum(-1, keepdim=True).to(scale.dtype)
         d_div = (-dv * (grouped.float() / sf / sf)).sum(-1, keepdim=True).to(scale.dtype)
-        return None, dv, d_mul + d_div
+        return None, dv, d_mul + d_div, None
 
 
 class RoundedWeight:
@@ -136,15 +137,15 @@ class RoundedWeight:
         scale x level is taken in float32, so in float32 it is exactly what the W4A16 reader decodes;
         in bf16 it is AutoRound's own bf16 qdq weight."""
         scale = self.scale()
-        out = _QDQ.apply(self.grouped, self.v, scale)
+        out = _QDQ.apply(self.grouped, self.v, scale, dtype)
         self._last = (scale.detach(), out)
-        return self._ungroup(out).to(dtype)
+        return self._ungroup(out)
 
     def keep(self) -> None:
         """Remember the levels and scales of the last `qdq` (the step with the lowest loss so far)."""
         scale, out = self._last
         with torch.no_grad():
-            levels = torch.round(out.detach() / scale.float()).to(torch.int8)
+            levels = torch.round(out.detach().float() / scale.float()).to(torch.int8)
         self.best = (levels, scale.clone())
 
     @torch.no_grad()
@@ -159,10 +160,10 @@ class RoundedWeight:
         q = (levels.to(torch.int16) + MAXQ).to(torch.uint8)
         return q.reshape(self.rows, -1)[:, :self.in_features].contiguous(), scale.reshape(self.rows, self.groups)
 
-    def nbytes(self) -> int:
-        """What tuning holds per weight element besides the weight: v and its gradient (float32), the
-        rounded and the kept levels (int8), the fake-quantised weight and its gradient (float32)."""
-        return self.grouped.numel() * (4 + 4 + 1 + 1 + 4 + 4)
+    def nbytes(self, dtype: torch.dtype = torch.float32) -> int:
+        """What tuning holds for this weight besides the weight: v and its gradient (float32), the rounded
+        and the kept levels (int8), the fake-quantised weight and its gradient (in the compute dtype)."""
+        return self.grouped.numel() * (4 + 4 + 1 + 1 + 2 * torch.empty((), dtype=dtype).element_size())
 
 
 class IndexSampler:
