@@ -169,8 +169,7 @@ class AutoRoundPass(LayerPass):
             ref = self._reference(layer, inputs, forward)
             reached = sum(routed) if routed else None
             routed.append(None)  # stop counting: the tuning steps route other (sampled, quantized) tokens
-            device = next(iter(inputs.values())).device if not floats and not built else \
-                next(iter({**floats, **built}.values())).device
+            device = _device(module, floats)
             rounded = {name: RoundedWeight(w, self.group_size) for name, w in floats.items()}
             rounded.update({p: RoundedWeight(built[p], self.group_size) for p in sorted(tuned_params)})
             q_rows, ref_rows = _Rows(inputs, self.mask), _Rows(ref, self.mask)
@@ -272,6 +271,14 @@ class AutoRoundPass(LayerPass):
         for path in self.work.glob("fp_hidden_*.safetensors"):
             if int(path.stem.rsplit("_", 1)[1]) < boundary:
                 path.unlink(missing_ok=True)
+
+
+def _device(module: nn.Module, floats: dict[str, torch.Tensor]) -> torch.device:
+    """The compute device: where the layer's resident tensors are (its routed experts' stay on meta)."""
+    for t in (*floats.values(), *module.parameters(), *module.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    raise SurgeryError("a decoder layer with no resident tensor")
 
 
 def _experts_forward(experts: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,

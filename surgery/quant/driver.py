@@ -88,7 +88,6 @@ def walk_quantizer(model: MoEModel, qpass: LayerPass, work: Path, identity: dict
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
                                                                     crash_prefix=crash_prefix))
     engine.walk([qpass], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
-    qpass.peak_anon = engine.peak_anon
     return sum(journal.fallback.values())
 
 
