@@ -65,24 +65,36 @@ class _QDQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grouped: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         sf = scale.float()
-        r = (grouped / sf).add_(v).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
-        r8 = r.clamp_(-128, 127).to(torch.int8)
+        out = torch.empty(grouped.shape, dtype=dtype, device=grouped.device)
+        r8 = torch.empty(grouped.shape, dtype=torch.int8, device=grouped.device)
+        for a, b in _chunks(grouped):  # rows are independent: chunks bound the float32 temporaries
+            r = (grouped[a:b] / sf[a:b]).add_(v[a:b]).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
+            r8[a:b] = r.clamp_(-128, 127)
+            out[a:b] = r.clamp_(-MAXQ, MAXQ - 1).mul_(sf[a:b])  # the product in float32, then `dtype`
         ctx.save_for_backward(grouped, r8, scale)
-        return r.clamp_(-MAXQ, MAXQ - 1).mul_(sf).to(dtype)  # the product in float32, then `dtype`
+        ctx.rounded = r8
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grouped, r8, scale = ctx.saved_tensors
-        grad = grad.float()
         sf = scale.float()
-        inside = (r8 >= -MAXQ) & (r8 <= MAXQ - 1)
-        q = r8.clamp(-MAXQ, MAXQ - 1).float()
-        dv = (grad * sf).mul_(inside)
-        # autograd's two paths to the fp16 scale, each reduced in float32 and cast to fp16, then added:
-        # the product scale * q, and the division w / scale inside the rounding
-        d_mul = (grad * q).sum(-1, keepdim=True).to(scale.dtype)
-        d_div = (-dv * (grouped.float() / sf / sf)).sum(-1, keepdim=True).to(scale.dtype)
+        dv = torch.empty(grouped.shape, dtype=torch.float32, device=grouped.device)
+        d_mul = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
+        d_div = torch.empty_like(d_mul)
+        for a, b in _chunks(grouped):
+            g, s, r = grad[a:b].float(), sf[a:b], r8[a:b]
+            dvc = torch.mul(g, s, out=dv[a:b]).mul_((r >= -MAXQ) & (r <= MAXQ - 1))
+            # autograd's two paths to the fp16 scale, each reduced in float32 and cast to fp16, then added:
+            # the product scale * q, and the division w / scale inside the rounding
+            d_mul[a:b] = (g * r.clamp(-MAXQ, MAXQ - 1)).sum(-1, keepdim=True)
+            d_div[a:b] = (-dvc * (grouped[a:b].float() / s / s)).sum(-1, keepdim=True)
         return None, dv, d_mul + d_div, None
+
+
+def _chunks(grouped: torch.Tensor, elements: int = 1 << 22) -> list[tuple[int, int]]:
+    rows = max(1, elements // max(grouped.shape[-1], 1))
+    return [(a, min(a + rows, grouped.shape[0])) for a in range(0, grouped.shape[0], rows)]
 
 
 class RoundedWeight:
@@ -138,14 +150,14 @@ class RoundedWeight:
         in bf16 it is AutoRound's own bf16 qdq weight."""
         scale = self.scale()
         out = _QDQ.apply(self.grouped, self.v, scale, dtype)
-        self._last = (scale.detach(), out)
+        self._last = (scale.detach(), out.grad_fn)
         return self._ungroup(out)
 
     def keep(self) -> None:
         """Remember the levels and scales of the last `qdq` (the step with the lowest loss so far)."""
-        scale, out = self._last
+        scale, node = self._last
         with torch.no_grad():
-            levels = torch.round(out.detach().float() / scale.float()).to(torch.int8)
+            levels = node.rounded.clamp(-MAXQ, MAXQ - 1)  # the levels of that step, int8
         self.best = (levels, scale.clone())
 
     @torch.no_grad()
@@ -157,7 +169,7 @@ class RoundedWeight:
         else:
             scale = self.scale()
             levels = torch.round(self.grouped.float() / scale.float() + self.v).clamp_(-MAXQ, MAXQ - 1)
-        q = (levels.to(torch.int16) + MAXQ).to(torch.uint8)
+        q = (levels.to(torch.int8) + MAXQ).to(torch.uint8)
         return q.reshape(self.rows, -1)[:, :self.in_features].contiguous(), scale.reshape(self.rows, self.groups)
 
     def nbytes(self, dtype: torch.dtype = torch.float32) -> int:
