@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+from surgery.executor.grouped import grouped_linear
 from surgery.quant.pack import pack
 from surgery.quant.rtn import rtn_quantize
 from surgery.quant.signround import IndexSampler, RoundedWeight, SignRoundOptions, sign_round
@@ -181,7 +182,10 @@ def test_grouped_expert_forward_equals_per_expert_loop():
     idx[:, 0] = torch.where(idx[:, 0] == 4, 0, idx[:, 0])  # expert 4 gets fewer tokens
     idx[:, 1] = torch.where(idx[:, 1] == idx[:, 0], (idx[:, 0] + 1) % (e - 1), idx[:, 1])
     wts = torch.rand(tokens, k)
-    ours = _experts_forward(experts, weights, x, idx, wts)
+    def project(name, rows, counts, weights=weights):
+        return grouped_linear(rows, weights[name], counts)
+
+    ours = _experts_forward(experts, project, e, x, idx, wts)
     ref = torch.zeros_like(x)
     for t in range(tokens):
         for s in range(k):
@@ -190,5 +194,34 @@ def test_grouped_expert_forward_equals_per_expert_loop():
             ref[t] += wts[t, s] * expert_forward(experts, params, x[t:t + 1])[0]
     assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4)
     gate_up = weights["gate_up_proj"].clone().requires_grad_(True)
-    _experts_forward(experts, {**weights, "gate_up_proj": gate_up}, x, idx, wts).sum().backward()
+    with_grad = {**weights, "gate_up_proj": gate_up}
+    _experts_forward(experts, lambda n, r, c: grouped_linear(r, with_grad[n], c), e, x, idx, wts).sum().backward()
     assert gate_up.grad is not None and bool(gate_up.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("in_features", [256, 192])
+def test_tuned_expert_linear_equals_autograd_through_qdq(in_features):
+    """`RoundedWeight.linear` (weights rebuilt in the backward) against autograd through `qdq` and
+    `grouped_linear`: the same output and the same gradients of v and the factors."""
+    torch.manual_seed(5)
+    e, out_f = 4, 32
+    w = torch.randn(e, out_f, in_features) * 0.05
+    counts = [7, 0, 12, 5]
+    x = torch.randn(sum(counts), in_features)
+    probe = torch.randn(sum(counts), out_f)
+    ours, ref = RoundedWeight(w.clone(), 128), RoundedWeight(w.clone(), 128)
+    with torch.no_grad():
+        for r in (ours, ref):
+            torch.manual_seed(6)
+            r.v.uniform_(-0.5, 0.5)
+            r.max_scale.uniform_(0.7, 1.0)
+    y = ours.linear(x, counts, torch.float32)
+    (y * probe).sum().backward()
+    y_ref = grouped_linear(x, ref.qdq(torch.float32), counts)
+    (y_ref * probe).sum().backward()
+    assert torch.equal(y, y_ref)
+    assert torch.allclose(ours.v.grad, ref.v.grad, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(ours.max_scale.grad, ref.max_scale.grad, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(ours.min_scale.grad, ref.min_scale.grad, rtol=1e-3, atol=1e-6)
+    assert bool(ours.v.grad[:out_f * ours.groups].abs().sum() > 0) and not bool(
+        ours.v.grad[out_f * ours.groups:2 * out_f * ours.groups].any())  # expert 1 saw no token

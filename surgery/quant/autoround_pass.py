@@ -157,12 +157,14 @@ class AutoRoundPass(LayerPass):
         experts = runner.experts if runner is not None else None
         built = runner.weights if runner is not None else {}
         tuned_params = {self._expert_rows(t)[0] for t in order if t.kind == "expert"}
-        current: dict[str, torch.Tensor] = dict(built)
+        # how the experts' projections run: the float weights for the reference, then the tuned ones
+        project = {"run": lambda name, x, counts: grouped_linear(x, built[name], counts)}
         routed: list[torch.Tensor] = []  # tokens per expert, counted during the reference run
         original = experts.forward if experts is not None else None
         if experts is not None:
             experts.forward = types.MethodType(
-                lambda mod, x, idx, w: _experts_forward(mod, current, x, idx, w, routed), experts)
+                lambda mod, x, idx, w: _experts_forward(mod, project["run"], built["gate_up_proj"].shape[0], x,
+                                                        idx, w, routed), experts)
         try:
             for name, lin in resident.items():
                 lin.weight = floats[name].detach()
@@ -175,11 +177,12 @@ class AutoRoundPass(LayerPass):
             q_rows, ref_rows = _Rows(inputs, self.mask), _Rows(ref, self.mask)
             dtype = next(iter(inputs.values())).dtype
 
+            project["run"] = lambda name, x, counts: rounded[name].linear(x, counts, built[name].dtype) \
+                if name in tuned_params else grouped_linear(x, built[name], counts)
+
             def loss_of(rows: list[int]) -> torch.Tensor:
                 for name, lin in resident.items():
                     lin.weight = rounded[name].qdq(dtype)
-                for p in tuned_params:
-                    current[p] = rounded[p].qdq(built[p].dtype)
                 x, m = q_rows.take(rows, device, dtype)
                 target, _ = ref_rows.take(rows, device, dtype)
                 valid = torch.from_numpy(m.astype(bool)).to(device)
@@ -281,27 +284,26 @@ def _device(module: nn.Module, floats: dict[str, torch.Tensor]) -> torch.device:
     raise SurgeryError("a decoder layer with no resident tensor")
 
 
-def _experts_forward(experts: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor,
-                     top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                     routed: list | None = None) -> torch.Tensor:
+def _experts_forward(experts: nn.Module, project, num_experts: int, x: torch.Tensor, top_k_index: torch.Tensor,
+                     top_k_weights: torch.Tensor, routed: list | None = None) -> torch.Tensor:
     """Σ_k w_k E_k(x) over the routed experts, differentiable: tokens sorted by expert, one grouped
-    linear per projection (`grouped_linear`), the experts module's own activation. `routed` (until it
-    ends with None) collects the tokens per expert."""
-    gate_up, down = weights["gate_up_proj"], weights["down_proj"]
+    linear per projection (`project(name, rows, counts)`: `grouped_linear` on the float or the tuned
+    weights), the experts module's own activation. `routed` (until it ends with None) collects the
+    tokens per expert."""
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    per_expert = torch.bincount(flat, minlength=gate_up.shape[0])
+    per_expert = torch.bincount(flat, minlength=num_experts)
     if routed is not None and (not routed or routed[-1] is not None):
         routed.append(per_expert.cpu())
     counts = per_expert.tolist()
     token_of = torch.div(order, top_k_index.shape[1], rounding_mode="floor")
-    h = grouped_linear(x[token_of], gate_up, counts)
+    h = project("gate_up_proj", x[token_of], counts)
     if hasattr(experts, "_apply_gate"):
         h = experts._apply_gate(h)
     else:
         gate, up = h.chunk(2, dim=-1)
         h = experts.act_fn(gate) * up
-    y = grouped_linear(h, down, counts) * top_k_weights.reshape(-1)[order, None].to(x.dtype)
+    y = project("down_proj", h, counts) * top_k_weights.reshape(-1)[order, None].to(x.dtype)
     return torch.zeros_like(x).index_add(0, token_of, y.to(x.dtype))
 
 

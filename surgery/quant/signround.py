@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from surgery.executor.grouped import grouped_linear
 from surgery.quant.rtn import MAXQ, SCALE_FLOOR, grouped_rows, num_groups
 
 LOSS_SCALE = 1000.0  # AutoRound scales the loss before backward (it changes no sign, only underflow)
@@ -56,21 +57,45 @@ class SignRoundOptions:
         return self.minmax_lr if self.minmax_lr is not None else self.rate
 
 
+def _qdq_values(grouped: torch.Tensor, v: torch.Tensor, sf: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale x clamp(round(w / scale + v), -8, 7) in `dtype`, the rounded values in int8), by row chunks
+    (rows are independent: chunks bound the float32 temporaries and change no arithmetic)."""
+    out = torch.empty(grouped.shape, dtype=dtype, device=grouped.device)
+    r8 = torch.empty(grouped.shape, dtype=torch.int8, device=grouped.device)
+    for a, b in _chunks(grouped):
+        r = (grouped[a:b] / sf[a:b]).add_(v[a:b]).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
+        r8[a:b] = r.clamp_(-128, 127)
+        out[a:b] = r.clamp_(-MAXQ, MAXQ - 1).mul_(sf[a:b])  # the product in float32, then `dtype`
+    return out, r8
+
+
+def _values_of(r8: torch.Tensor, sf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`_qdq_values`' first result again, from its saved rounding."""
+    out = torch.empty(r8.shape, dtype=dtype, device=r8.device)
+    for a, b in _chunks(r8):
+        out[a:b] = r8[a:b].clamp(-MAXQ, MAXQ - 1).float().mul_(sf[a:b])
+    return out
+
+
+def _grad_rows(g: torch.Tensor, grouped: torch.Tensor, r: torch.Tensor, sf: torch.Tensor, dv: torch.Tensor,
+               d_mul: torch.Tensor, d_div: torch.Tensor) -> None:
+    """AutoRound's gradients for rows of groups, from the float32 gradient `g` of their qdq values:
+    into v (round passes it straight through, clamp stops it outside the levels) and into the fp16
+    scale along autograd's two paths, each reduced in float32 and cast to fp16 (then added): the
+    product scale * q, and the division w / scale inside the rounding."""
+    dvc = torch.mul(g, sf, out=dv).mul_((r >= -MAXQ) & (r <= MAXQ - 1))
+    d_mul.copy_((g * r.clamp(-MAXQ, MAXQ - 1)).sum(-1, keepdim=True))
+    d_div.copy_((-dvc * (grouped.float() / sf / sf)).sum(-1, keepdim=True))
+
+
 class _QDQ(torch.autograd.Function):
-    """scale x clamp(round(w / scale + v), -8, 7) with AutoRound's gradients (round passes them straight
-    through, clamp stops them outside the levels), written out so the backward keeps one int8 per weight
-    (the rounded value) instead of autograd's float32 intermediates: a whole layer's experts are tuned at
-    once, and this is most of their memory."""
+    """The fake-quantised weight with AutoRound's gradients, written out so the backward keeps one int8
+    per weight (the rounded value) instead of autograd's float32 intermediates."""
 
     @staticmethod
     def forward(ctx, grouped: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        sf = scale.float()
-        out = torch.empty(grouped.shape, dtype=dtype, device=grouped.device)
-        r8 = torch.empty(grouped.shape, dtype=torch.int8, device=grouped.device)
-        for a, b in _chunks(grouped):  # rows are independent: chunks bound the float32 temporaries
-            r = (grouped[a:b] / sf[a:b]).add_(v[a:b]).round_()  # bf16 / fp16 promotes to float32, as AutoRound's
-            r8[a:b] = r.clamp_(-128, 127)
-            out[a:b] = r.clamp_(-MAXQ, MAXQ - 1).mul_(sf[a:b])  # the product in float32, then `dtype`
+        out, r8 = _qdq_values(grouped, v, scale.float(), dtype)
         ctx.save_for_backward(grouped, r8, scale)
         ctx.rounded = r8
         return out
@@ -80,16 +105,48 @@ class _QDQ(torch.autograd.Function):
         grouped, r8, scale = ctx.saved_tensors
         sf = scale.float()
         dv = torch.empty(grouped.shape, dtype=torch.float32, device=grouped.device)
-        d_mul = torch.empty(scale.shape, dtype=scale.dtype, device=scale.device)
-        d_div = torch.empty_like(d_mul)
+        d_mul, d_div = torch.empty_like(scale), torch.empty_like(scale)
         for a, b in _chunks(grouped):
-            g, s, r = grad[a:b].float(), sf[a:b], r8[a:b]
-            dvc = torch.mul(g, s, out=dv[a:b]).mul_((r >= -MAXQ) & (r <= MAXQ - 1))
-            # autograd's two paths to the fp16 scale, each reduced in float32 and cast to fp16, then added:
-            # the product scale * q, and the division w / scale inside the rounding
-            d_mul[a:b] = (g * r.clamp(-MAXQ, MAXQ - 1)).sum(-1, keepdim=True)
-            d_div[a:b] = (-dvc * (grouped[a:b].float() / s / s)).sum(-1, keepdim=True)
+            _grad_rows(grad[a:b].float(), grouped[a:b], r8[a:b], sf[a:b], dv[a:b], d_mul[a:b], d_div[a:b])
         return None, dv, d_mul + d_div, None
+
+
+class _QGroupedLinear(torch.autograd.Function):
+    """y = x_j qdq(W_j)^T for every expert j over rows `x` sorted by expert (`grouped_linear`), with the
+    gradients `_QDQ` + `grouped_linear` would give, but the fake-quantised weights are never kept: the
+    forward builds them and drops them, the backward rebuilds them from the int8 rounding for x's gradient
+    and turns each expert's weight gradient into its v and scale gradients at once. A layer's experts
+    are most of its weights, so this holds one int8 per weight across the step where autograd would hold
+    the float weights and their gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, weight: RoundedWeight,
+                counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        out, r8 = _qdq_values(weight.grouped, v, scale.float(), dtype)
+        y = grouped_linear(x, weight._ungroup(out), counts)
+        ctx.save_for_backward(x, r8, scale)
+        ctx.weight, ctx.counts, ctx.dtype, ctx.rounded = weight, counts, dtype, r8
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, r8, scale = ctx.saved_tensors
+        rw, counts = ctx.weight, ctx.counts
+        sf = scale.float()
+        gx = grouped_linear(gy, rw._ungroup(_values_of(r8, sf, ctx.dtype)), counts, transposed=True)
+        dv = torch.zeros(r8.shape, dtype=torch.float32, device=r8.device)
+        ds = torch.zeros(2, *scale.shape, dtype=scale.dtype, device=scale.device)
+        per = rw.shape[1] * rw.groups  # group rows of one expert
+        pad = rw.groups * rw.group_size - rw.in_features if rw.in_features > rw.group_size else 0
+        start = 0
+        for j, c in enumerate(counts):
+            if c:
+                gw = (gy[start:start + c].t() @ x[start:start + c]).float()  # F.linear's weight gradient
+                gw = torch.nn.functional.pad(gw, (0, pad)).reshape(per, -1)
+                a, b = j * per, (j + 1) * per
+                _grad_rows(gw, rw.grouped[a:b], r8[a:b], sf[a:b], dv[a:b], ds[0, a:b], ds[1, a:b])
+            start += c
+        return gx, dv, ds[0] + ds[1], None, None, None
 
 
 def _chunks(grouped: torch.Tensor, elements: int = 1 << 22) -> list[tuple[int, int]]:
@@ -152,6 +209,14 @@ class RoundedWeight:
         out = _QDQ.apply(self.grouped, self.v, scale, dtype)
         self._last = (scale.detach(), out.grad_fn)
         return self._ungroup(out)
+
+    def linear(self, x: torch.Tensor, counts: list[int], dtype: torch.dtype) -> torch.Tensor:
+        """`grouped_linear(x, qdq(dtype), counts)` for a stack of experts, differentiable in v and the
+        factors, without keeping the fake-quantised weights (`_QGroupedLinear`)."""
+        scale = self.scale()
+        y = _QGroupedLinear.apply(x, self.v, scale, self, counts, dtype)
+        self._last = (scale.detach(), y.grad_fn)
+        return y
 
     def keep(self) -> None:
         """Remember the levels and scales of the last `qdq` (the step with the lowest loss so far)."""
