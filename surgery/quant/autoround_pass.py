@@ -133,15 +133,16 @@ class AutoRoundPass(LayerPass):
 
     # ---------------------------------------------------------------- memory
     def tune_bytes(self, layer: int, tokens: int) -> int:
-        """SignRound's state for every quantized weight of the layer (`RoundedWeight.nbytes`, and the bf16
-        copy of a padded weight), the reference outputs and the float chain (float32 at most), and one
-        step's activations (a generous bound: 24 hidden-sized float32 values per routed slot of a batch's
-        tokens)."""
+        """SignRound's state for every quantized weight of the layer, the reference outputs and the float
+        chain (float32 at most), and one step's activations (a generous bound: 24 hidden-sized float32
+        values per routed slot of a batch's tokens)."""
         hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
         state = 0
         for t in self.targets.by_layer(layer):
             n = t.out_features * num_groups(t.in_features, self.group_size) * self.group_size
-            state += n * 18 + (2 * n if t.in_features % self.group_size else 0)  # RoundedWeight.nbytes, pad
+            # v, its gradient, the rounded and kept levels; a resident weight also keeps its fake-quantised
+            # values and their gradient (float32) across the step; a padded weight has a bf16 copy
+            state += n * (10 if t.kind == "expert" else 18) + (2 * n if t.in_features % self.group_size else 0)
         k = int(getattr(self.model.hf_config, "num_experts_per_tok", 1) or 1)
         step = self.opts.batch_size * self.mask.shape[1] * hidden * 4 * 24 * (k + 1)
         return state + 2 * tokens * hidden * 4 + step

@@ -237,11 +237,6 @@ class RoundedWeight:
         q = (levels.to(torch.int8) + MAXQ).to(torch.uint8)
         return q.reshape(self.rows, -1)[:, :self.in_features].contiguous(), scale.reshape(self.rows, self.groups)
 
-    def nbytes(self, dtype: torch.dtype = torch.float32) -> int:
-        """What tuning holds for this weight besides the weight: v and its gradient (float32), the rounded
-        and the kept levels (int8), the fake-quantised weight and its gradient (in the compute dtype)."""
-        return self.grouped.numel() * (4 + 4 + 1 + 1 + 2 * torch.empty((), dtype=dtype).element_size())
-
 
 class IndexSampler:
     """AutoRound's `IndexSampler` (compressors/utils.py) on a private, seeded generator."""
