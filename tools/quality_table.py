@@ -489,7 +489,7 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
     n = len(cases)
     lines += ["", "Quantization runs, each in a fresh process (wall s: the `quantize` call, writing the W4A16 "
               "checkpoint included; peak RSS: the process's high-water mark, importing torch included; "
-              f"{os.cpu_count()} CPU cores, float32, batch size 16):", "",
+              f"{os.cpu_count()} CPU cores, float32, batch size 16; autoround 8 rows a step, AutoRound's):", "",
               "| ratio | calibration | method | wall s | peak RSS MB | linears on RTN | W4A16 MB |",
               "|---:|---|---|---:|---:|---:|---:|"]
     for ratio, calib in cases:
