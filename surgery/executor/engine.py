@@ -456,6 +456,8 @@ class LayerEngine:
 
         inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in batches}
         build = mask_builder(self.factory.config, layer)
+        # every expert is built and nothing is read until the next layer: tuning gets the staging bytes
+        self.staging = Staging(pinned=self.staging.pinned)
 
         def forward(x: torch.Tensor, rows_mask: np.ndarray) -> torch.Tensor:
             return self.stream._forward(layer, module, build, x, rows_mask, (0, x.shape[0]), x.shape[1], None, None)
