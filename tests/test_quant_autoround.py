@@ -199,10 +199,13 @@ def test_grouped_expert_forward_equals_per_expert_loop():
     assert gate_up.grad is not None and bool(gate_up.grad.abs().sum() > 0)
 
 
-@pytest.mark.parametrize("in_features", [256, 192])
-def test_tuned_expert_linear_equals_autograd_through_qdq(in_features):
+@pytest.mark.parametrize("in_features,chunk", [(256, 1 << 24), (192, 1 << 24), (192, 1)])
+def test_tuned_expert_linear_equals_autograd_through_qdq(in_features, chunk, monkeypatch):
     """`RoundedWeight.linear` (weights rebuilt in the backward) against autograd through `qdq` and
     `grouped_linear`: the same output and the same gradients of v and the factors."""
+    import surgery.quant.signround as signround
+
+    monkeypatch.setitem(signround.EXPERT_CHUNK, "cpu", chunk)  # 1: one expert at a time
     torch.manual_seed(5)
     e, out_f = 4, 32
     w = torch.randn(e, out_f, in_features) * 0.05

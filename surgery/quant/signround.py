@@ -35,6 +35,7 @@ import torch
 from surgery.executor.grouped import grouped_linear
 from surgery.quant.rtn import MAXQ, SCALE_FLOOR, grouped_rows, num_groups
 
+EXPERT_CHUNK = {"cpu": 1 << 24, "cuda": 1 << 30}  # fake-quantised expert weight elements built at once
 LOSS_SCALE = 1000.0  # AutoRound scales the loss before backward (it changes no sign, only underflow)
 
 
@@ -122,8 +123,13 @@ class _QGroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, v: torch.Tensor, scale: torch.Tensor, weight: RoundedWeight,
                 counts: list[int], dtype: torch.dtype) -> torch.Tensor:
-        out, r8 = _qdq_values(weight.grouped, v, scale.float(), dtype)
-        y = grouped_linear(x, weight._ungroup(out), counts)
+        sf = scale.float()
+        r8 = torch.empty(weight.grouped.shape, dtype=torch.int8, device=v.device)
+        y = x.new_empty((x.shape[0], weight.shape[1]))
+        for e0, e1, a, b, r0, r1 in _expert_chunks(weight, counts):
+            out, r8[a:b] = _qdq_values(weight.grouped[a:b], v[a:b], sf[a:b], dtype)
+            if r1 > r0:
+                y[r0:r1] = grouped_linear(x[r0:r1], weight.ungroup_experts(out, e1 - e0), counts[e0:e1])
         ctx.save_for_backward(x, r8, scale)
         ctx.weight, ctx.counts, ctx.dtype, ctx.rounded = weight, counts, dtype, r8
         return y
@@ -133,20 +139,43 @@ class _QGroupedLinear(torch.autograd.Function):
         x, r8, scale = ctx.saved_tensors
         rw, counts = ctx.weight, ctx.counts
         sf = scale.float()
-        gx = grouped_linear(gy, rw._ungroup(_values_of(r8, sf, ctx.dtype)), counts, transposed=True)
+        gx = torch.zeros_like(x)
         dv = torch.zeros(r8.shape, dtype=torch.float32, device=r8.device)
         ds = torch.zeros(2, *scale.shape, dtype=scale.dtype, device=scale.device)
         per = rw.shape[1] * rw.groups  # group rows of one expert
         pad = rw.groups * rw.group_size - rw.in_features if rw.in_features > rw.group_size else 0
-        start = 0
-        for j, c in enumerate(counts):
-            if c:
-                gw = (gy[start:start + c].t() @ x[start:start + c]).float()  # F.linear's weight gradient
-                gw = torch.nn.functional.pad(gw, (0, pad)).reshape(per, -1)
-                a, b = j * per, (j + 1) * per
-                _grad_rows(gw, rw.grouped[a:b], r8[a:b], sf[a:b], dv[a:b], ds[0, a:b], ds[1, a:b])
-            start += c
+        for e0, e1, a, b, r0, r1 in _expert_chunks(rw, counts):
+            if r1 == r0:
+                continue
+            w = rw.ungroup_experts(_values_of(r8[a:b], sf[a:b], ctx.dtype), e1 - e0)
+            gx[r0:r1] = grouped_linear(gy[r0:r1], w, counts[e0:e1], transposed=True)
+            start = r0
+            for j in range(e0, e1):
+                c = counts[j]
+                if c:
+                    gw = (gy[start:start + c].t() @ x[start:start + c]).float()  # F.linear's weight gradient
+                    gw = torch.nn.functional.pad(gw, (0, pad)).reshape(per, -1)
+                    ja, jb = j * per, (j + 1) * per
+                    _grad_rows(gw, rw.grouped[ja:jb], r8[ja:jb], sf[ja:jb], dv[ja:jb], ds[0, ja:jb], ds[1, ja:jb])
+                start += c
         return gx, dv, ds[0] + ds[1], None, None, None
+
+
+def _expert_chunks(rw: RoundedWeight, counts: list[int]) -> list[tuple[int, int, int, int, int, int]]:
+    """Experts [e0, e1) at a time, with their group rows [a, b) and token rows [r0, r1): a chunk's
+    fake-quantised weights are all that is built at once (~64 MB of float32 on a CPU; on CUDA, where memory
+    is larger and one grouped GEMM per projection is faster, ~4 GB)."""
+    per_expert = rw.shape[1] * rw.groups * rw.grouped.shape[-1]
+    budget = EXPERT_CHUNK.get(rw.grouped.device.type, EXPERT_CHUNK["cpu"])
+    n = max(1, budget // per_expert)
+    per = rw.shape[1] * rw.groups
+    out, r0 = [], 0
+    for e0 in range(0, len(counts), n):
+        e1 = min(e0 + n, len(counts))
+        r1 = r0 + sum(counts[e0:e1])
+        out.append((e0, e1, e0 * per, e1 * per, r0, r1))
+        r0 = r1
+    return out
 
 
 def _chunks(grouped: torch.Tensor, elements: int = 1 << 22) -> list[tuple[int, int]]:
@@ -200,6 +229,10 @@ class RoundedWeight:
 
     def _ungroup(self, g: torch.Tensor) -> torch.Tensor:
         return g.reshape(self.rows, -1)[:, :self.in_features].reshape(self.shape)
+
+    def ungroup_experts(self, g: torch.Tensor, n: int) -> torch.Tensor:
+        """Group rows of `n` consecutive experts -> their weights `[n, out, in]`."""
+        return g.reshape(n * self.shape[1], -1)[:, :self.in_features].reshape(n, *self.shape[1:])
 
     def qdq(self, dtype: torch.dtype) -> torch.Tensor:
         """The fake-quantised weight in `dtype` (differentiable in v and the factors). The product
