@@ -8,8 +8,9 @@ only and on a mix of the three domains, with the streaming pieces end to end:
 
     Calibrator (saliency) -> make_plan -> rewrite_checkpoint (a real pruned checkpoint) -> Evaluator
 
-Then W4A16 (group 128) of each REAP checkpoint (0.25 and 0.5, both calibrations): RTN, and GPTQ
-calibrated on exactly the calibration windows of the REAP row it follows (passed as pre-tokenised
+Then W4A16 (group 128) of each REAP checkpoint (0.25 and 0.5, both calibrations): RTN, and GPTQ and
+autoround (AutoRound's tuned SignRound, its defaults: 200 steps of 8 windows per layer) calibrated on
+exactly the calibration windows of the REAP row it follows (passed as pre-tokenised
 `CalibrationInputs` to `surgery.quant.pipeline.quantize(..., inputs=...)`: `DataOptions` samples
 documents and cannot express "the first N windows in file order"); each quantization runs in a fresh
 (spawned) process so its wall time and peak RSS are its own; the W4A16 checkpoint itself is evaluated
@@ -23,8 +24,9 @@ from code, prose and tools .calib.jsonl (the same token budget, so only the mix 
 
     .venv/bin/python tools/quality_table.py [--out docs/quality.md] [--work DIR]
 
-About 30 minutes on 2 CPU cores; the evaluation is resumable (rerun with the same --work: finished rows,
-W4A16 ones included with their run's time and memory, are not measured again). A protected plan that
+About 30 minutes on 2 CPU cores, plus several per autoround row; the evaluation is resumable (rerun
+with the same --work: finished rows, W4A16 ones included with their run's time and memory, are not
+measured again). A protected plan that
 keeps exactly REAP's experts is not evaluated again (same checkpoint, same losses).
 """
 
@@ -69,7 +71,8 @@ METHODS = ("reap", "frequency", "ean", "random")
 RATIOS = (0.25, 0.5)
 CALIBRATIONS = {"code": {"code": 32}, "mixed": {"code": 11, "prose": 11, "tools": 10}}
 VARIANTS = ("reap-protect", "merge")  # REAP + --protect super, and --method merge (REAP's kept experts)
-QUANT = ("rtn", "gptq")  # W4A16 of each REAP checkpoint
+QUANT = ("rtn", "gptq", "autoround")  # W4A16 of each REAP checkpoint
+CALIBRATED = ("gptq", "autoround")
 GROUP = 128
 EOT = 0
 # The fixture README's figures (in-memory pruning, code-only calibration), to print beside ours.
@@ -104,11 +107,13 @@ def _quantize_run(model_dir: str, out: str, method: str, work: str, inputs, batc
     VmHWM, this process image's own high-water mark: getrusage's ru_maxrss survives execve, so a spawned
     child would report the parent's size at the fork."""
     from surgery.quant.pipeline import quantize
+    from surgery.quant.signround import SignRoundOptions
 
+    extra = {"tuning": SignRoundOptions()} if method == "autoround" else {}  # AutoRound's defaults (8 rows a step)
     t = time.perf_counter()
     summary = quantize(Path(model_dir), Path(out), method=method, group_size=GROUP, work=Path(work),
                        inputs=inputs, batch_size=batch_size, device="cpu", dtype="float32", progress=False,
-                       partial_groups="pad")  # the fixture's hidden 192: AutoRound's padded partial group, as compared
+                       partial_groups="pad", **extra)  # the fixture's hidden 192: AutoRound's padded partial group
     return {"seconds": time.perf_counter() - t,
             "peak_rss_mb": _vm_hwm_mb(),
             "rtn_fallback": int(summary.get("rtn_fallback", 0)), "output_bytes": int(summary["output_bytes"]),
@@ -227,7 +232,7 @@ def main() -> None:
             for qm in QUANT:
                 name = f"{reap}+{qm}"
                 # GPTQ's result also depends on its calibration tokens (the REAP row's windows)
-                key = f"{phash}:{qm}:g{GROUP}" + (f":{calib_hash}" if qm == "gptq" else "")
+                key = f"{phash}:{qm}:g{GROUP}" + (f":{calib_hash}" if qm in CALIBRATED else "")
                 if done.get(name, {}).get("plan") == key:
                     results[name], runs[name] = done[name]["losses"], done[name]["run"]
                     reused += 1
@@ -436,13 +441,17 @@ def _variants_section(results: dict, details: dict) -> list[str]:
 
 
 def _quant_section(results: dict, runs: dict) -> list[str]:
-    """REAP vs REAP + W4A16-RTN vs REAP + W4A16-GPTQ, what quantization costs, and whether GPTQ < RTN."""
+    """REAP vs REAP + W4A16 by RTN, GPTQ and autoround, what quantization costs, whether GPTQ < RTN and
+    whether autoround < GPTQ."""
     lines = ["", "## W4A16 after REAP", "",
              f"Each REAP checkpoint above (0.25 and 0.5, both calibrations) quantized to W4A16 (group {GROUP}, "
              "symmetric 4-bit, AutoRound's packing; docs/quantize.md) by `surgery.quant.pipeline.quantize`: "
-             "**RTN** (no data), and **GPTQ** calibrated on exactly the REAP row's calibration windows (the same "
+             "**RTN** (no data), **GPTQ** calibrated on exactly the REAP row's calibration windows (the same "
              "16,384 tokens: code-only or mixed), sequential within each layer (attention quantized first, the "
-             "experts then see the quantized attention's outputs) and across layers. The W4A16 checkpoint itself is "
+             "experts then see the quantized attention's outputs) and across layers, and **AUTOROUND** (AutoRound's "
+             "tuned rounding, SignRound, with its defaults: 200 signed-gradient steps of 8 windows per layer, "
+             "the layer's output matched to the float model's) on the same windows. Every linear is quantized, "
+             "partial groups padded (hidden 192 = 128 + 64), as AutoRound does. The W4A16 checkpoint itself is "
              "evaluated (the layer engine decodes the packed weights), same held-out windows and `Evaluator`. "
              "Δ = loss minus the pruned (bf16) REAP checkpoint's.", "",
              "| ratio | calibration | model | code | prose | tools | mean | Δ code | Δ prose | Δ tools | Δ mean |",
@@ -452,6 +461,7 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
     wins = {d: 0 for d in (*DOMAINS, "mean")}
     removed = {d: [] for d in ("code", "tools")}
     losses = []
+    order_ok = 0
     for ratio, calib in cases:
         reap = _name("reap", ratio, calib)
         p = results[reap]
@@ -463,6 +473,8 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
                          + f" | {_mean(r):.3f} | " + " | ".join(f"{r[d] - p[d]:+.3f}" for d in DOMAINS)
                          + f" | {_mean(r) - _mean(p):+.3f} |")
             cost[qm].append(_mean(r) - _mean(p))
+        a = results[f"{reap}+autoround"]
+        order_ok += _mean(a) < _mean(results[f"{reap}+gptq"]) < _mean(results[f"{reap}+rtn"])
         r, g = results[f"{reap}+rtn"], results[f"{reap}+gptq"]
         for d in DOMAINS:
             wins[d] += g[d] < r[d]
@@ -474,13 +486,13 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
     n = len(cases)
     lines += ["", "Quantization runs, each in a fresh process (wall s: the `quantize` call, writing the W4A16 "
               "checkpoint included; peak RSS: the process's high-water mark, importing torch included; "
-              f"{os.cpu_count()} CPU cores, float32, batch size 16):", "",
-              "| ratio | calibration | method | wall s | peak RSS MB | linears on RTN fallback | W4A16 MB |",
+              f"{os.cpu_count()} CPU cores, float32, batch size 16; autoround 8 rows a step, AutoRound's):", "",
+              "| ratio | calibration | method | wall s | peak RSS MB | linears on RTN | W4A16 MB |",
               "|---:|---|---|---:|---:|---:|---:|"]
     for ratio, calib in cases:
         for qm in QUANT:
             run = runs[f"{_name('reap', ratio, calib)}+{qm}"]
-            fallback = str(run["rtn_fallback"]) if qm == "gptq" else "-"
+            fallback = str(run["rtn_fallback"]) if qm in CALIBRATED else "-"
             lines.append(f"| {ratio:g} | {calib} | {qm.upper()} | {run['seconds']:.1f} | {run['peak_rss_mb']:.0f} | "
                          f"{fallback} | {run['output_bytes'] / 1e6:.1f} |")
 
@@ -488,7 +500,8 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
         return f"{np.mean(xs):+.3f} nats on average (from {min(xs):+.3f} to {max(xs):+.3f})"
 
     text = (f"What W4A16 costs over the pruned model (mean over the three domains): RTN {span(cost['rtn'])}, "
-            f"GPTQ {span(cost['gptq'])}, across the {n} (ratio, calibration) cases. GPTQ's loss is below RTN's on "
+            f"GPTQ {span(cost['gptq'])}, autoround {span(cost['autoround'])}, across the {n} (ratio, calibration) "
+            f"cases. By mean loss autoround < GPTQ < RTN in {order_ok} of {n} cases. GPTQ's loss is below RTN's on "
             f"code in {wins['code']} of {n} cases and on tools in {wins['tools']} of {n} (prose {wins['prose']} of "
             f"{n}, mean {wins['mean']} of {n}). ")
     share = [x for d in removed for x in removed[d]]
@@ -503,7 +516,8 @@ def _quant_section(results: dict, runs: dict) -> list[str]:
                  f"(per cell from {100 * min(share):.0f}% to {100 * max(share):.0f}%; negative: GPTQ adds more).")
     text += (" With code-only calibration, tools (and prose) are outside GPTQ's calibration data as they are outside "
              "REAP's; with mixed calibration GPTQ sees all three domains.")
-    lines += ["", text]
+    lines += ["", text, "", "Linears on RTN: GPTQ's experts with fewer than 256 routed calibration tokens; autoround's "
+              "expert weights no calibration token reached (no gradient: their offsets stay 0)."]
     return lines
 
 

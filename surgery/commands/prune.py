@@ -52,8 +52,12 @@ def prune_cmd(
     quantize_scheme: str | None = typer.Option(None, "--quantize", help="Then quantize the pruned model: w4a16 "
                                                "(OUT is W4A16; the pruned checkpoint stays in WORK/pruned)."),
     quantize_method: str = typer.Option("rtn", "--quantize-method",
-                                        help="rtn or gptq (calibrated on the same data as the pruning)."),
+                                        help="rtn, gptq or autoround (calibrated on the same data as the "
+                                             "pruning)."),
     quantize_group_size: int = typer.Option(128, "--quantize-group-size", help="--quantize: inputs per scale group."),
+    iters: int = typer.Option(200, "--iters", help="--quantize-method autoround: tuning steps per layer."),
+    lr: float | None = typer.Option(None, "--lr", help="--quantize-method autoround: learning rate (default "
+                                                       "1 / iters)."),
     no_progress: bool = o.NO_PROGRESS,
 ) -> None:
     """Calibrate, plan, rewrite, verify and write a model card (OUT/README.md) in one command, then quantize
@@ -77,7 +81,7 @@ def prune_cmd(
     from surgery.rewrite.run import _check_paths
 
     work = work or out.with_name(out.name + ".work")
-    pruned = pruned_destination(quantize_scheme, quantize_method, out, work, quantize_group_size)
+    pruned = pruned_destination(quantize_scheme, quantize_method, out, work, quantize_group_size, iters, lr)
     model_dir = resolve_model(model)
     _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
     with directory_lock(out), directory_lock(work):  # the whole job, quantization included
@@ -87,4 +91,4 @@ def prune_cmd(
               merge_saliency=merge_saliency)
         if quantize_scheme is not None:
             quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
-                            o.memory_bytes(memory_budget), group_size=quantize_group_size)
+                            o.memory_bytes(memory_budget), group_size=quantize_group_size, iters=iters, lr=lr)

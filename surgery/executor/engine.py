@@ -92,6 +92,22 @@ class LayerPass:
     def end_layer(self, layer: int) -> None:
         """After all of the layer's batches, before its boundary is committed (write what it recorded)."""
 
+    # ------------------------------------------------------------ whole-layer tuning (AutoRound)
+    # the pass changes a layer's weights from all of its inputs at once: every routed expert is built
+    # (never paged), then `tune` runs before the run that writes the layer's outputs
+    tunes_layer: bool = False
+
+    def tune(self, layer: int, module: nn.Module, runner: RoutedExperts | None,
+             inputs: dict[Batch, torch.Tensor], forward: Callable[[torch.Tensor, np.ndarray], torch.Tensor]) -> None:
+        """`inputs`: the layer's input hidden states per batch; `runner.weights`: every routed expert as
+        `[E, ...]` parameters (None for a dense layer); `forward(x, mask)` runs the layer on rows `x`
+        `[n, t, H]` with their `mask` `[n, t]`, with autograd. The pass may change the module's and
+        `runner.weights`' values in place; the layer's outputs are then computed from them."""
+
+    def tune_bytes(self, layer: int, tokens: int) -> int:
+        """Memory `tune` holds besides the layer's built experts and inputs (planned into the budget)."""
+        return 0
+
 
 class Journal:
     """Where a walk records durable progress (a command's manifest); the base records nothing."""
@@ -374,6 +390,7 @@ class LayerEngine:
         store = self.factory.expert_store(layer, module) if block is not None else None
         if store is None:
             self._prepare(layer, module, passes, batches, mask, read, scored)
+            self._tune(layer, module, None, passes, batches, mask, read)
             self.stream.run_batches(layer, module, batches, mask, read, write, advance, None, self._should_stop,
                                     scored, overlap_io)
             return
@@ -392,6 +409,7 @@ class LayerEngine:
             if group == 0:  # every expert built at once, computed inside one pass over the batches
                 runner.weights = store.load_all(self.staging, self.buffers, self.opts.prefetch)
                 self._track()
+                self._tune(layer, module, runner, passes, batches, mask, read)
                 self.stream.run_batches(layer, module, batches, mask, read, write, advance, runner,
                                         self._should_stop, scored, overlap_io)
                 return
@@ -428,6 +446,53 @@ class LayerEngine:
         for p, _ in probes:
             p.prepared(layer, module)
 
+    def _tune(self, layer: int, module: nn.Module, runner: RoutedExperts | None, passes: Sequence[LayerPass],
+              batches: Sequence[Batch], mask: np.ndarray, read: Reader) -> None:
+        """The passes that tune the whole layer, on all of its inputs (see `LayerPass.tune`)."""
+        tuners = [p for p in passes if p.tunes_layer]
+        if not tuners:
+            return
+        from surgery.executor.stream import mask_builder
+
+        inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in batches}
+        build = mask_builder(self.factory.config, layer)
+        # every expert is built and nothing is read until the next layer: tuning gets the staging bytes
+        self.staging = Staging(pinned=self.staging.pinned)
+
+        def forward(x: torch.Tensor, rows_mask: np.ndarray) -> torch.Tensor:
+            return self.stream._forward(layer, module, build, x, rows_mask, (0, x.shape[0]), x.shape[1], None, None)
+
+        for p in tuners:
+            p.tune(layer, module, runner, inputs, forward)
+        self._track()
+
+    def _plan_tuned(self, store, batches: Sequence[Batch], mask: np.ndarray, passes: Sequence[LayerPass],
+                    layer: int) -> tuple[int, int, int]:
+        """Every expert built at once for a pass that tunes the whole layer, or a one-line refusal naming
+        what does not fit: the experts in the compute dtype, the pass's tuning state, the layer's inputs."""
+        self._track()
+        e = store.num_experts
+        if self.opts.experts_per_chunk is None:
+            hidden = self.model.ckpt.info(self.model.spec.embed).shape[1]
+            item = torch.empty((), dtype=self.dtype).element_size()
+            experts = e * store.compute_bytes()
+            inputs = sum(_padded(b, mask) for b in batches) * hidden * item
+            state = sum(p.tune_bytes(layer, int(mask.sum())) for p in passes)
+            staging = 2 * store.read_chunk() * store.raw_bytes()
+            on_device = self.device.type == "cuda"
+            free_dev = (self.budget.device_free(self.device) if on_device else self.budget.host_free()) \
+                + self.buffers.nbytes()
+            host = staging + (0 if on_device else experts + state + inputs)
+            need = experts + state + inputs
+            if need > free_dev or host > self.budget.host_free() + self.staging.nbytes():
+                raise SurgeryError(f"layer {layer}: tuning holds the whole layer at once: its {e} routed experts "
+                                   f"({experts / 1e6:.0f} MB as {str(self.dtype).removeprefix('torch.')}), the "
+                                   f"tuning state ({state / 1e6:.0f} MB) and its inputs ({inputs / 1e6:.0f} MB) "
+                                   f"need {need / 1e6:.0f} MB and the memory budget leaves "
+                                   f"{max(free_dev, 0) / 1e6:.0f} MB{' on the device' if on_device else ''}; "
+                                   "raise --memory-budget (or calibrate on fewer tokens)", self.model.ckpt.directory)
+        return e, 0, e
+
     def _should_stop(self) -> bool:
         return self.stop.is_set()
 
@@ -440,6 +505,8 @@ class LayerEngine:
         the budget, measured after its resident part is loaded. Staging and chunk buffers kept from
         earlier layers are reused, so what they hold counts as free; the next layer's resident part,
         being read meanwhile, does not."""
+        if any(p.tunes_layer for p in passes):
+            return self._plan_tuned(store, batches, mask, passes, layer)
         self._track()
         tokens = int(mask.sum())
         capture = any(p.needs_capture for p in passes)

@@ -57,11 +57,14 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int] 
         counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     if len(counts) != n:
         raise ValueError(f"{len(counts)} expert row counts for {n} experts")
+    # unbind, not weight[j]: under autograd each index would give back a zero-filled gradient of the whole
+    # [n, ...] weight (n full-size buffers filled and summed per backward); unbind's backward stacks once
+    weights = weight.unbind(0)
     parts, start = [], 0
     for j, c in enumerate(counts):
         if c:
             rows = x[start:start + c]
-            parts.append(rows @ weight[j] if transposed else F.linear(rows, weight[j]))
+            parts.append(rows @ weights[j] if transposed else F.linear(rows, weights[j]))
         start += c
     if not parts:
         return x.new_zeros((0, out_f))

@@ -60,6 +60,8 @@ def quantization_config(model: MoEModel, targets: QuantTargets, group_size: int,
     }
     if method == "gptq":
         cfg.update({"damp_percent": DAMP, "true_sequential": False, "static_groups": False, **(gptq or {})})
+    elif method == "autoround":  # tuned (SignRound): iters, nsamples, seqlen, lr... as AutoRound records them
+        cfg.update(gptq or {})
     return cfg
 
 

@@ -20,7 +20,7 @@ import surgery
 from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import Checkpoint
 from surgery.executor.cache import HiddenCache
-from surgery.executor.engine import EngineOptions, Journal, LayerEngine
+from surgery.executor.engine import EngineOptions, Journal, LayerEngine, LayerPass
 from surgery.executor.manifest import require_same_inputs
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.quant.gptq_pass import GPTQPass, layer_file
@@ -28,14 +28,15 @@ from surgery.quant.targets import QuantTargets, find_targets
 
 STATE = "gptq.json"
 
-__all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq"]
+__all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq", "walk_quantizer"]
 
 
 class _State(Journal):
-    """WORK/gptq.json: inputs, durable boundary, RTN fallbacks per finished layer."""
+    """WORK/<state>.json: inputs, durable boundary, RTN fallbacks per finished layer."""
 
-    def __init__(self, work: Path, identity: dict, gp: GPTQPass, previous: dict | None) -> None:
-        self.path, self.identity, self.gp = work / STATE, identity, gp
+    def __init__(self, work: Path, identity: dict, gp: LayerPass, previous: dict | None, name: str = STATE,
+                 command: str = "quantize --method gptq") -> None:
+        self.path, self.identity, self.gp, self.command = work / name, identity, gp, command
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
 
     def commit(self, boundary: int | None) -> None:
@@ -43,9 +44,12 @@ class _State(Journal):
             for layer in range(boundary):
                 if layer in self.gp.rtn_fallback:
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
-        write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": "quantize --method gptq",
+        write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": self.command,
                                       "identity": self.identity, "completed_layers": boundary,
                                       "rtn_fallback": self.fallback})
+        committed = getattr(self.gp, "committed", None)
+        if committed is not None:
+            committed(boundary)
 
 
 def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity: dict, ids: np.ndarray,
@@ -53,18 +57,28 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
                    dtype: torch.dtype, progress: bool = True, min_tokens: int | None = None,
                    memory_budget: int | None = None) -> int:
     """Run GPTQ layer by layer into WORK (resumable); returns the number of weights that fell back to RTN."""
+    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device)
+    return walk_quantizer(model, gp, work, identity, ids, mask, batch_size=batch_size, device=device, dtype=dtype,
+                          progress=progress, memory_budget=memory_budget)
+
+
+def walk_quantizer(model: MoEModel, qpass: LayerPass, work: Path, identity: dict, ids: np.ndarray, mask: np.ndarray,
+                   *, batch_size: int, device: torch.device, dtype: torch.dtype, progress: bool = True,
+                   memory_budget: int | None = None, state: str = STATE, command: str = "quantize --method gptq",
+                   crash_prefix: str = "gptq.") -> int:
+    """Walk the engine with a quantizing pass (packed tensors per layer in WORK, resumable from the
+    journal `state`); returns the number of weights that fell back to RTN."""
     from surgery.executor.stream import batch_ranges
 
     work = Path(work)
-    state_path = work / STATE
-    previous = read_json(state_path, "GPTQ state") if state_path.is_file() else None
+    state_path = work / state
+    previous = read_json(state_path, "quantization state") if state_path.is_file() else None
     if previous is not None:
-        require_same_inputs({"inputs": previous.get("identity")}, identity, "holds GPTQ results for", work)
+        require_same_inputs({"inputs": previous.get("identity")}, identity, "holds quantization results for", work)
     work.mkdir(parents=True, exist_ok=True)
     cache = HiddenCache(work / "cache.zarr")
     batches = batch_ranges(mask, batch_size)
-    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device)
-    journal = _State(work, identity, gp, previous)
+    journal = _State(work, identity, qpass, previous, state, command)
     start = None if previous is None else previous.get("completed_layers")
     if start is None:
         journal.commit(None)
@@ -72,8 +86,8 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
     if start is not None and start >= model.num_layers:
         return sum(journal.fallback.values())
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
-                                                                    crash_prefix="gptq."))
-    engine.walk([gp], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
+                                                                    crash_prefix=crash_prefix))
+    engine.walk([qpass], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
     return sum(journal.fallback.values())
 
 

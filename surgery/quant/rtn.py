@@ -35,7 +35,7 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+def grouped_rows(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """[out, in] -> [out * groups, group] (zero-padded), or [out, in] when in <= group_size."""
     out_f, in_f = w.shape
     if in_f <= group_size:
@@ -67,7 +67,7 @@ def rtn_quantize(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Ten
     scales fp16 [out, groups])."""
     out_f, in_f = weight.shape
     w = weight.to(torch.bfloat16)
-    g = _grouped(w, group_size)
+    g = grouped_rows(w, group_size)
     scale = group_scales(g)
     q = quantize_with_scales(g, scale)
     groups = num_groups(in_f, group_size)
