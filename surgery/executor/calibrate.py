@@ -209,8 +209,12 @@ class Calibrator:
         }
         self.summary = engine.summary(time.perf_counter() - t_start, (start or 0), cache.disk_bytes())
         self.summary["tokens"] = real_tokens
+        self.summary["batches"] = self.batching
         if ranks.main:
             write_json_atomic(self.work / "saliency.json", saliency, indent=None)
             self._write_manifest(identity, self.model.num_layers, complete=True, summary=self.summary)
+            if not opts.keep_hidden:  # nothing resumes from them any more
+                for layer in cache.hidden_layers():
+                    cache.delete_hidden(layer)
         ranks.barrier()
         return saliency

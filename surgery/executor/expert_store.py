@@ -216,6 +216,7 @@ class ExpertStore:
         (a broadcast over 2-D blocks), W4A16 decoded there (a broadcast over groups)."""
         cfg = self.ckpt.config
         lo, hi = raw.byte_range()
+        lo -= lo % PAGE  # offsets keep their alignment on the device
         with self.clock.span("transfer"):
             if self.device.type == "cpu":
                 base, shift = raw.staging.buf, 0

@@ -11,6 +11,7 @@ num_hidden_layers) are not calibrated: their weights take RTN.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,7 @@ class _State(Journal):
     def __init__(self, work: Path, identity: dict, gp: GPTQPass, previous: dict | None) -> None:
         self.path, self.identity, self.gp = work / STATE, identity, gp
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
+        self.summary: dict | None = None  # the engine's record of the walk (per-layer times), once done
 
     def commit(self, boundary: int | None) -> None:
         if boundary is not None:
@@ -45,7 +47,8 @@ class _State(Journal):
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
         write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": "quantize --method gptq",
                                       "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback})
+                                      "rtn_fallback": self.fallback,
+                                      **({"summary": self.summary} if self.summary else {})})
 
 
 def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity: dict, ids: np.ndarray,
@@ -73,7 +76,10 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
         return sum(journal.fallback.values())
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
                                                                     crash_prefix="gptq."))
+    t0 = time.perf_counter()
     engine.walk([gp], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
+    journal.summary = engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes())
+    journal.commit(model.num_layers)  # the same state, now with where the time went
     return sum(journal.fallback.values())
 
 

@@ -58,7 +58,7 @@ class LayerStats:
         norms = torch.linalg.vector_norm(out.float(), dim=-1).double()
         g = weights.double()
         peak = out.amax(dim=-1).double()
-        total = out.double()
+        total = out.to(torch.float64, copy=True)  # scaled in place below
         if keep is not None:
             k = keep.double()
             norms, g = norms * k, g * k
@@ -70,7 +70,7 @@ class LayerStats:
         for acc, values in ((self.frequency, count), (self.weighted_frequency, g), (self.ean, norms),
                             (self.reap_sum, g * norms)):
             acc[lo:hi] += segment_sum(values, lengths)
-        torch.maximum(self.max_activation[lo:hi], segment_max(peak, lengths), out=self.max_activation[lo:hi])
+        self.max_activation[lo:hi] = torch.maximum(self.max_activation[lo:hi], segment_max(peak, lengths))
         if self.output_sum.shape[1] == out.shape[1]:
             self.output_sum[lo:hi] += segment_sum(total, lengths)
 
