@@ -43,7 +43,7 @@ from surgery.executor.mtp import walk_mtp
 from surgery.executor.progress import layer_progress
 from surgery.executor.stream import Batch, LayerStream, real_length
 from surgery.executor.tiers import MemoryTier, ZarrTier
-from surgery.executor.timing import DeviceClock
+from surgery.executor.timing import DeviceClock, process_age
 from surgery.faults import checkpoint as crash_point
 
 Reader = Callable[[Batch, int], torch.Tensor]
@@ -139,6 +139,7 @@ class LayerEngine:
         self.flops = 0  # of the routed experts' evaluations
         self.records: list[dict] = []  # per layer: where its time went
         self.checkpoints: Checkpoints | None = None
+        self.first_layer_at: float | None = None  # seconds from process start to the first layer
         self.peak_anon = rss_anon()
         self.tier: MemoryTier | ZarrTier | None = None
         self.every: int | None = None
@@ -224,6 +225,7 @@ class LayerEngine:
             with layer_progress(len(order) + len(mtp), int(mask.sum()),
                                 enabled=self.opts.progress and self.ranks.main) as progress:
                 progress.start_layers(len(order) - len(todo))
+                self.first_layer_at = process_age()
                 for i, layer in enumerate(todo):
                     progress.start_layer(layer)
                     compute = self._layer(layer, todo[i + 1] if i + 1 < len(todo) else None, passes, batches, mask,
@@ -304,6 +306,7 @@ class LayerEngine:
             "experts_per_chunk": {str(k): v for k, v in sorted(self.chunks.items())},
             **{f"{k}_s": round(v, 3) for k, v in t.items()},
             "expert_flops": self.flops,
+            "first_layer_after_s": self.first_layer_at,
             "per_layer": self.records,
         }
         if self.device.type == "cuda":

@@ -10,6 +10,7 @@ synchronises anyway). On the CPU a span is the wall clock.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 
@@ -52,3 +53,15 @@ class DeviceClock:
             end.synchronize()
             self.totals[key] = self.totals.get(key, 0.0) + start.elapsed_time(end) / 1000
         self._pending.clear()
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), e.g. what a run spent before its first layer:
+    interpreter, imports, CUDA, data, checks. None where /proc does not say."""
+    try:
+        with open("/proc/self/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return round(float(f.read().split()[0]) - start, 2)
+    except (OSError, ValueError, IndexError):
+        return None

@@ -251,6 +251,8 @@ def main() -> int:
                    "(default 65536; simulated: 1024)")
     p.add_argument("--length", type=int, default=None, help="packed row length of both (default 2048; simulated 128)")
     p.add_argument("--stages", default="correctness,scale,gptq", help="which stages to run (comma separated)")
+    p.add_argument("--correctness-runs", default=None,
+                   help="only these correctness runs (comma separated names, e.g. cuda-f32,cpu-f32)")
     p.add_argument("--budget-s", type=float, default=470, help="seconds the whole script may take (the GPTQ stage "
                    "gets what is left)")
     p.add_argument("--surgery", default=None, help="command that runs the CLI under test (default: python -m surgery)")
@@ -259,8 +261,9 @@ def main() -> int:
     sim = args.simulate_on_cpu
     if sim:  # a rehearsal needs no cold page cache: leave the rest of the machine's alone
         os.environ.setdefault("BENCH_DROP_CACHES", "0")
-    if sim and not args.gen_args and args.experts == 256:
-        args.experts, args.gen_args = 16, "--hidden 256 --intermediate 128 --heads 4 --kv-heads 2 --head-dim 64"
+    if sim and not args.gen_args:  # a tiny shape (16 experts unless asked: pruning half keeps top-k 8)
+        args.gen_args = "--hidden 256 --intermediate 128 --heads 4 --kv-heads 2 --head-dim 64"
+        args.experts = 16 if args.experts == 256 else args.experts
     args.scale_tokens = args.scale_tokens or (2048 if sim else 524288)
     args.gptq_tokens = args.gptq_tokens or (1024 if sim else 65536)
     args.length = args.length or (128 if sim else 2048)
@@ -326,6 +329,9 @@ def main() -> int:
     skipped: list[str] = []
     if "correctness" not in stages:
         plan = []
+    elif args.correctness_runs:
+        keep = set(args.correctness_runs.split(","))
+        plan = [(name, extra) for name, extra in plan if name in keep]
     for name, extra in plan:
         # stay inside the time box: a run is started only if the longest run so far would still fit
         longest = max((r.wall_s for r in results), default=0.0)

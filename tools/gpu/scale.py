@@ -97,14 +97,16 @@ def calibrate_table(stage: Stage) -> list[str]:
     batches = f"; batches of <= {batching['batch_tokens']} tokens" if batching.get("batch_tokens") else \
         (f"; batches of {batching['batch_size']} rows" if batching.get("batch_size") else "")
     lines += ["", f"{s.get('tokens', '?')} tokens on {s.get('device', '?')} ({s.get('dtype', '?')}){batches}; "
-              f"process wall {stage.wall_s:.1f} s, of which {startup(stage):.1f} s before the first layer and "
-              f"{layers:.1f} s in layers; tier {s.get('tier')}{gpu}; host peak {bp.gb(stage.peak_anon)}"]
+              f"process wall {stage.wall_s:.1f} s: first layer after {startup(stage):.1f} s (imports, CUDA, data, "
+              f"checks), {layers:.1f} s in layers; tier {s.get('tier')}{gpu}; host peak {bp.gb(stage.peak_anon)}"]
     return lines
 
 
 def startup(stage: Stage) -> float:
-    """Process wall minus the engine's own run (imports, CUDA, data, checks before the first layer)."""
-    return max(0.0, stage.wall_s - float(stage.summary.get("seconds", 0.0)))
+    """Seconds from the process's start to its first layer (imports, CUDA, data, checks), as the engine
+    recorded it; else the process wall minus the engine's own run."""
+    at = stage.summary.get("first_layer_after_s")
+    return float(at) if at is not None else max(0.0, stage.wall_s - float(stage.summary.get("seconds", 0.0)))
 
 
 def gptq_lines(stage: Stage) -> list[str]:
