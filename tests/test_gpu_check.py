@@ -34,3 +34,18 @@ def test_simulated_device_benchmark(tmp_path):
                      r"GPTQ ≈ \d+\.\d min", text)
     assert "\nPASS\n" in text
     assert not [p for p in tmp_path.glob("work-*") if p.is_dir()] and not (tmp_path / "gptq").exists()  # cleaned up
+
+
+def test_transformers_version_is_checked_against_pyproject(monkeypatch, capsys):
+    """The benchmark refuses, in one line, a transformers that pyproject.toml does not allow."""
+    sys.path.insert(0, str(REPO / "tools" / "gpu"))
+    try:
+        import transformers_check
+    finally:
+        sys.path.remove(str(REPO / "tools" / "gpu"))
+    assert transformers_check.requirement().startswith("transformers")
+    assert transformers_check.main() == 0 and "satisfies" in capsys.readouterr().out
+    monkeypatch.setattr(transformers_check, "requirement", lambda: "transformers>=99.0")
+    assert transformers_check.main() == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "is NOT allowed by pyproject.toml's 'transformers>=99.0'" in out[0]

@@ -78,15 +78,18 @@ def grouped_forward(experts: nn.Module, params: Params, x: torch.Tensor, tokens:
     w1, w2 = params["gate_up_proj"], params["down_proj"]
     rows = sum(counts)
     if not use_grouped_mm(x.device, w1.dtype):
-        out_f = w2.shape[2] if transposed else w2.shape[1]
-        y = x.new_empty((rows, out_f), dtype=w2.dtype)
-        start = 0
+        parts, start = [], 0
         for j, c in enumerate(counts):
             if c:
                 one = {k: v[j] for k, v in params.items()}
-                y[start:start + c] = expert_forward(experts, one, x[tokens[start:start + c]], transposed)
+                parts.append(expert_forward(experts, one, x[tokens[start:start + c]], transposed))
             start += c
-        return y
+        if len(parts) == 1:  # one expert (the CPU's usual chunk part): its output as it is, no copy
+            return parts[0]
+        if parts:
+            return torch.cat(parts)
+        out_f = w2.shape[2] if transposed else w2.shape[1]
+        return x.new_empty((0, out_f), dtype=w2.dtype)
     xs = x[tokens]
     offsets = torch.cumsum(lengths, 0, dtype=torch.int32)
     h = grouped_linear(xs, w1, counts, offsets, transposed)
@@ -273,7 +276,9 @@ class RoutedExperts:
             return grouped_forward(self.experts, params, x, tokens, counts, lengths, self.transposed)
 
         y = run(batch.x, pairs.token_of[start:stop], counts, lengths)
-        bad = segment_max((~torch.isfinite(y)).any(dim=-1).float(), lengths) if y.numel() else \
+        # a row with a NaN/Inf has a non-finite sum (one reduction, not an elementwise test of every value;
+        # a finite row whose sum overflows float counts as non-finite too)
+        bad = segment_max((~torch.isfinite(y.sum(dim=-1))).float(), lengths) if y.numel() else \
             torch.zeros(hi - lo, device=y.device)
         if self.listeners:
             rows = ChunkRows(batch, lo, hi, start, stop, counts, lengths, y, run)

@@ -58,14 +58,14 @@ class LayerStats:
         norms = torch.linalg.vector_norm(out.float(), dim=-1).double()
         g = weights.double()
         peak = out.amax(dim=-1).double()
-        total = out.to(torch.float64, copy=True)  # scaled in place below
         if keep is not None:
             k = keep.double()
             norms, g = norms * k, g * k
             peak = peak.masked_fill(~keep, -np.inf)
-            total.mul_(k[:, None])
+            total = torch.mul(out, k[:, None])  # float64 by type promotion: one pass, no separate copy
             count = k
         else:
+            total = out.double()
             count = torch.ones_like(g)
         for acc, values in ((self.frequency, count), (self.weighted_frequency, g), (self.ean, norms),
                             (self.reap_sum, g * norms)):

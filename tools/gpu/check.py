@@ -161,32 +161,11 @@ def compare(ref: Path, got: Path) -> tuple[bool, str]:
 
 
 # ---------------------------------------------------------------------------------------------- table
-LAYER_KEYS = {"wall": ("wall", "seconds", "total", "elapsed"), "gpu_peak": ("peak_gpu", "gpu_peak", "peak_gpu_mb")}
-
-
 def layer_rows(res: Result) -> dict[str, dict[str, float]]:
-    """{layer: {read, transfer, dequant, compute, wall, gpu_peak}} from the run's record, if per-layer."""
-    rows = bp.per_layer(res.record) if res.record else {}
-    src = None
-    for key in ("per_layer", "layers", "layer_timings", "timings"):
-        node = res.record.get(key)
-        if isinstance(node, (list, dict)) and node:
-            src = node
-            break
-    if isinstance(src, list):
-        src = {str(x.get("layer", i)): x for i, x in enumerate(src) if isinstance(x, dict)}
-    if isinstance(src, dict):
-        for layer, rec in src.items():
-            if not isinstance(rec, dict):
-                continue
-            row = rows.setdefault(str(layer), {})
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    kl = k.lower()
-                    for cat, frags in LAYER_KEYS.items():
-                        if cat not in row and any(f == kl or kl.startswith(f + "_") for f in frags):
-                            row[cat] = float(v) * (2**20 if kl.endswith("_mb") and cat == "gpu_peak" else 1)
-    return {k: v for k, v in rows.items() if v}
+    """{layer: {read, transfer, dequant, compute, wall}} from the engine's per-layer record of the run."""
+    keys = ("read", "transfer", "dequant", "compute", "wall")
+    return {str(rec["layer"]): {k: float(rec[f"{k}_s"]) for k in keys if rec.get(f"{k}_s") is not None}
+            for rec in res.record.get("per_layer", []) if isinstance(rec, dict) and "layer" in rec}
 
 
 def shard_of_layer(model: Path) -> dict[str, Path]:
@@ -223,8 +202,7 @@ def table(results: list[Result], cold: dict[str, float], cold_total: float) -> l
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main() -> int:
-    global WORK
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--experts", type=int, default=256)
@@ -257,7 +235,6 @@ def main() -> int:
                    "gets what is left)")
     p.add_argument("--surgery", default=None, help="command that runs the CLI under test (default: python -m surgery)")
     args = p.parse_args()
-    t_start = time.perf_counter()
     sim = args.simulate_on_cpu
     if sim:  # a rehearsal needs no cold page cache: leave the rest of the machine's alone
         os.environ.setdefault("BENCH_DROP_CACHES", "0")
@@ -267,29 +244,34 @@ def main() -> int:
     args.scale_tokens = args.scale_tokens or (2048 if sim else 524288)
     args.gptq_tokens = args.gptq_tokens or (1024 if sim else 65536)
     args.length = args.length or (128 if sim else 2048)
-    stages = {x.strip() for x in args.stages.split(",") if x.strip()}
-    WORK = args.work
-    if args.surgery:
-        CLI[:] = shlex.split(args.surgery)
-    bp.SURGERY[:] = CLI
+    args.stages = {x.strip() for x in args.stages.split(",") if x.strip()}
+    return args
 
-    # asked in a child: this process measures its children and stays light (no torch, no CUDA context)
+
+def devices(args: argparse.Namespace) -> tuple[int, str] | int:
+    """(GPUs to use, their names), or an exit status. Asked in a child: this process measures its
+    children and stays light (no torch, no CUDA context)."""
     probe = subprocess.run([sys.executable, "-c", "import json, torch; c = torch.cuda.is_available(); print(json.dumps("
                             "[torch.__version__, torch.version.cuda, [torch.cuda.get_device_name(i) for i in "
                             "range(torch.cuda.device_count())] if c else []]))"], capture_output=True, text=True)
     if probe.returncode:
         print("gpu-check: torch cannot be imported: " + (probe.stderr.strip().splitlines() or ["?"])[-1])
         return 1
-    torch_version, cuda_version, devices = json.loads(probe.stdout)
+    torch_version, cuda_version, found = json.loads(probe.stdout)
     if args.simulate_on_cpu:
         gpus, names = args.gpus or 1, "none (--simulate-on-cpu: 'cuda' runs are CPU runs)"
-    elif not devices:
+    elif not found:
         print(f"gpu-check: torch {torch_version} sees no CUDA device; nothing to check")
         return 2
     else:
-        gpus = min(args.gpus or len(devices), len(devices))
-        names = ", ".join(devices[:gpus])
+        gpus = min(args.gpus or len(found), len(found))
+        names = ", ".join(found[:gpus])
     print(f"gpu-check: {gpus} GPU(s): {names}; torch {torch_version} (CUDA {cuda_version})", flush=True)
+    return gpus, names
+
+
+def checkpoint(args: argparse.Namespace) -> tuple[Path, list[Path], int]:
+    """The MiniMax-M2-shaped FP8 checkpoint (generated once per shape), its shards and their bytes."""
     WORK.mkdir(parents=True, exist_ok=True)
     shape = "-" + hashlib.sha256(args.gen_args.encode()).hexdigest()[:8] if args.gen_args else ""
     model = WORK / f"m2-{args.layers}x{args.experts}-fp8{shape}"
@@ -299,9 +281,13 @@ def main() -> int:
     files = bp.shards_of(model)
     size = sum(f.stat().st_size for f in files)
     print(f"  checkpoint {model}: {bp.gb(size)} in {len(files)} shards ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return model, files, size
 
-    # cold read of the same bytes: per layer (one shard each) and all shards
-    cold: dict[str, float] = {}
+
+def correctness(args: argparse.Namespace, model: Path, files: list[Path], gpus: int, t_start: float
+                ) -> tuple[list[Result], list[str], list[str]]:
+    """The device runs against the CPU float32 reference: (results, table lines, names that failed)."""
+    cold: dict[str, float] = {}  # cold read of the same bytes: per layer (one shard each) and all shards
     method = ""
     for layer, shard in shard_of_layer(model).items():
         method = bp.drop_cache([shard])
@@ -310,8 +296,7 @@ def main() -> int:
         cold[layer] = time.perf_counter() - t
     cat = bp.cold_cat(files, args.timeout)
     print(f"  cold read: {cat.wall_s:.1f} s all shards ({method})", flush=True)
-
-    has_budget = "correctness" in stages and bp.supports_budget()
+    has_budget = bp.supports_budget()
     # the CUDA float32 run first (the point of the check), then its CPU reference, then the rest
     plan: list[tuple[str, list[str]]] = [
         ("cuda-f32", ["--device", "cuda", "--dtype", "float32"]),
@@ -325,13 +310,11 @@ def main() -> int:
         plan.append(("cuda-f32-2ranks", ["--device", "cuda", "--dtype", "float32", "--nproc", "2"]))
     if args.simulate_on_cpu:
         plan = [(name, ["cpu" if a == "cuda" else a for a in extra]) for name, extra in plan]
-    results: list[Result] = []
-    skipped: list[str] = []
-    if "correctness" not in stages:
-        plan = []
-    elif args.correctness_runs:
+    if args.correctness_runs:
         keep = set(args.correctness_runs.split(","))
         plan = [(name, extra) for name, extra in plan if name in keep]
+    results: list[Result] = []
+    skipped: list[str] = []
     for name, extra in plan:
         # stay inside the time box: a run is started only if the longest run so far would still fit
         longest = max((r.wall_s for r in results), default=0.0)
@@ -339,7 +322,6 @@ def main() -> int:
             skipped.append(name)
             continue
         results.append(calibrate(model, name, extra, args, files))
-
     ref = WORK / "work-cpu-f32" / "saliency.json"
     failed = [r.name for r in results if r.rc]
     for r in results:
@@ -353,34 +335,59 @@ def main() -> int:
         r.verdict = text
         if not ok and r.name not in failed:
             failed.append(r.name)
-
-    lines = [f"gpu-check: {args.layers} layers x {args.experts} experts (MiniMax-M2 shapes, FP8), {bp.gb(size)}; "
-             f"{args.samples} x {args.max_length} tokens of builtin:code; {names}",
-             "" if has_budget or not results else "(no --memory-budget here: the chunked-experts run was skipped)",
-             *(table(results, cold, cat.wall_s) if results else ["(correctness runs not asked for)"]),
-             "",
+    lines = ["" if has_budget else "(no --memory-budget here: the chunked-experts run was skipped)",
+             *table(results, cold, cat.wall_s), "",
              f"cold read: {method}; GPU peak: the run's own record (peak_gpu_mb) where it has one, else NVML's "
-             f"used-memory rise during the run; total {time.perf_counter() - t_start:.0f} s in this script",
+             f"used-memory rise during the run",
              f"skipped to stay within {args.deadline:.0f} s: {', '.join(skipped)}" if skipped else ""]
-    device = "cpu" if sim else "cuda"
-    if "scale" in stages:
+    return results, lines, failed
+
+
+def realistic(args: argparse.Namespace, model: Path, files: list[Path], t_start: float) -> tuple[list[str], list[str]]:
+    """Calibrate at scale, GPTQ of the pruned layers, the 62-layer extrapolation: (lines, names that failed)."""
+    device = "cpu" if args.simulate_on_cpu else "cuda"
+    lines: list[str] = []
+    failed: list[str] = []
+    cal = gptq = None
+    if "scale" in args.stages:
         cal = scale.calibrate_stage(CLI, model, WORK / "work-scale", args.scale_tokens, args.length, device, files,
                                     args.timeout)
         lines += ["", f"## calibrate at scale ({args.layers} layers x {args.experts} experts)", "",
                   *scale.calibrate_table(cal)]
-        if cal.rc:
-            failed.append(cal.name)
-    gptq = None
-    if "gptq" in stages:
+        failed += [cal.name] if cal.rc else []
+    if "gptq" in args.stages:
         left = args.budget_s - (time.perf_counter() - t_start)
         gptq = scale.gptq_stage(CLI, model, WORK / "gptq", args.gptq_tokens, args.length, device, files,
                                 max(60.0, left))
-        lines += ["", scale.gptq_lines(gptq)[0]]
-        if gptq.rc:
-            failed.append(gptq.name)
-    if "scale" in stages:
+        lines += ["", *scale.gptq_lines(gptq)]
+        failed += [gptq.name] if gptq.rc else []
+    if cal is not None:
         lines += ["", scale.extrapolation(cal, gptq)]
-    lines += ["", "PASS" if not failed else "FAIL: " + ", ".join(failed)]
+    return lines, failed
+
+
+def main() -> int:
+    global WORK
+    args = parse_args()
+    t_start = time.perf_counter()
+    WORK = args.work
+    if args.surgery:
+        CLI[:] = shlex.split(args.surgery)
+    bp.SURGERY[:] = CLI
+    found = devices(args)
+    if isinstance(found, int):
+        return found
+    gpus, names = found
+    model, files, size = checkpoint(args)
+    results, failed = [], []
+    lines = [f"gpu-check: {args.layers} layers x {args.experts} experts (MiniMax-M2 shapes, FP8), {bp.gb(size)}; "
+             f"{args.samples} x {args.max_length} tokens of builtin:code; {names}"]
+    if "correctness" in args.stages:
+        results, more, failed = correctness(args, model, files, gpus, t_start)
+        lines += more
+    more, bad = realistic(args, model, files, t_start)
+    lines += [*more, "", f"total {time.perf_counter() - t_start:.0f} s in this script",
+              "PASS" if not failed + bad else "FAIL: " + ", ".join(failed + bad)]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
@@ -388,12 +395,10 @@ def main() -> int:
     (WORK / "results.json").write_text(json.dumps([r.__dict__ for r in results], indent=2, default=str))
     if not args.keep:
         shutil.rmtree(model, ignore_errors=True)
-        for r in results:
-            shutil.rmtree(WORK / f"work-{r.name}", ignore_errors=True)
-        shutil.rmtree(WORK / "work-scale", ignore_errors=True)
-        shutil.rmtree(WORK / "gptq", ignore_errors=True)
+        for name in [f"work-{r.name}" for r in results] + ["work-scale", "gptq"]:
+            shutil.rmtree(WORK / name, ignore_errors=True)
     print("commands: " + "; ".join(shlex.join(["surgery", "calibrate", "...", *r.args]) for r in results))
-    return 0 if not failed else 1
+    return 0 if not failed + bad else 1
 
 
 if __name__ == "__main__":
