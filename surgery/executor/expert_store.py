@@ -223,7 +223,7 @@ class ExpertStore:
             else:
                 base = (buffers or Buffers()).get("staging", (hi - lo,), torch.uint8, self.device)
                 base.copy_(raw.staging.buf[lo:hi], non_blocking=True)
-                raw.staging.copied_to_device()
+                raw.staging.copied_to_device(self.device)
                 shift = lo
         with self.clock.span("dequant"):
             for p in self.params:
@@ -361,10 +361,11 @@ class _Half:
             self.buf = raw[(-raw.data_ptr()) % PAGE:][:nbytes]
         return self.buf
 
-    def copied_to_device(self) -> None:
-        """Mark the asynchronous copy just queued from this half (the reader waits for it)."""
+    def copied_to_device(self, device: torch.device) -> None:
+        """Mark the asynchronous copy just queued from this half on `device`'s stream (the reader waits
+        for it before refilling the half)."""
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(device))
 
     def nbytes(self) -> int:
         return 0 if self.buf is None else self.buf.numel()

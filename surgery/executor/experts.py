@@ -265,7 +265,7 @@ class RoutedExperts:
 
     def _compute_part(self, batch: BatchRouting, weights: Params, first: int, lo: int, hi: int) -> torch.Tensor:
         """Experts [lo, hi) on their pairs of `batch`: outputs, listeners, the weighted add into
-        `batch.out`; returns per-expert finiteness (a device bool per expert)."""
+        `batch.out`; returns per expert 1.0 where an output was not finite (on the device: asked later)."""
         params = {k: v[lo - first:hi - first] for k, v in weights.items()}
         pairs = batch.pairs
         start, stop = pairs.rows(lo, hi)

@@ -36,12 +36,13 @@ class DeviceClock:
             finally:
                 self.totals[key] = self.totals.get(key, 0.0) + time.perf_counter() - t0
             return
+        stream = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         try:
             yield
         finally:
-            end.record()
+            end.record(stream)
             self._pending.append((key, start, end))
 
     def add(self, key: str, amount: float) -> None:
