@@ -24,8 +24,8 @@ def calibrate(model_dir: Path, work: Path, data: DataOptions, opts: CalibrateOpt
     holds it for the job), then the data, then the layer walk."""
     import os
 
-    from surgery.executor.calibrate import Calibrator
     from surgery.lock import directory_lock
+    from surgery.saliency.calibrate import Calibrator
 
     with directory_lock(work, enabled=os.environ.get("RANK", "0") == "0"):
         inputs = calibration_inputs(model_dir, data)  # first: a missing dataset fails before any model work

@@ -14,9 +14,9 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from surgery.plan import make_plan, validate_plan
 from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from tests.oracle import make_batch, oracle_saliency
 
 

@@ -60,15 +60,7 @@ RANKS: dict[str, int] = {
 # Edges that break the order on purpose, each with why and until when; (importing module, imported
 # module or package). Never a module cycle: those have no exceptions. A listed edge that no longer
 # exists fails the test, so the list only shrinks.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("surgery.arch.layer", "surgery.executor"):
-        "LayerFactory.expert_store hands the engine a layer's ExpertStore (lazy import); the store is "
-        "built by the engine itself once executor/experts.py is split (issue 22, phase 2)",
-    ("surgery.executor.calibrate", "surgery.saliency"):
-        "the calibration pass (executor/calibrate.py) feeds the saliency observer, which uses the "
-        "executor's expert forward: executor <-> saliency both ways until the pass moves beside the "
-        "observer after the executor split (issue 22, phase 2)",
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from surgery.executor.stream import batch_ranges
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from tests.oracle import make_batch, oracle_saliency
 
 LENGTHS = [17, 5, 11, 17, 2, 9, 13, 4]

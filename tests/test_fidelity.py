@@ -13,7 +13,7 @@ import torch
 from surgery.errors import SurgeryError
 from surgery.eval.fidelity import layer_fidelity, run_fidelity, sliced_router
 from surgery.executor.cache import HiddenCache
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from tests.oracle import _router_call, load_model, make_batch, moe_blocks, prune_in_memory
 
 LENGTHS = [17, 5, 11, 17, 2, 9, 13]

@@ -25,10 +25,10 @@ import torch
 
 from surgery.arch.table import TABLE
 from surgery.errors import SurgeryError
-from surgery.executor import engine as engine_module
+from surgery.executor import plan_memory
 from surgery.executor.budget import MARGIN_FRACTION, MARGIN_MIN, rss_anon
 from surgery.executor.cache import HiddenCache
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from surgery.synth import TINY
 from tests.oracle import make_batch
 
@@ -106,14 +106,14 @@ def set_paging(monkeypatch, per_chunk: int | None, group: int | None) -> None:
 def groups(monkeypatch) -> list[int]:
     """The number of captured token groups of every paged MoE layer, as the engine forms them."""
     seen: list[int] = []
-    real = engine_module._groups
+    real = plan_memory.groups
 
     def spy(batches, mask, tokens):
         out = real(batches, mask, tokens)
         seen.append(len(out))
         return out
 
-    monkeypatch.setattr(engine_module, "_groups", spy)
+    monkeypatch.setattr(plan_memory, "groups", spy)
     return seen
 
 
@@ -459,7 +459,7 @@ def assert_bits_equal(got: torch.Tensor, ref: torch.Tensor, what) -> None:
 @pytest.mark.parametrize("nan", [False, True])
 def test_dequantize_into_equals_reference(nan, scale_kind, dtype):
     from surgery.checkpoint.fp8 import dequantize
-    from surgery.executor import experts
+    from surgery.executor import dequantize as experts
 
     for i, (shape, block) in enumerate(SHAPES):
         weight = all_codes(*shape, nan=nan, seed=i)
@@ -484,7 +484,7 @@ def test_dequantize_into_equals_reference(nan, scale_kind, dtype):
 def test_dequantize_into_every_code_value():
     """Scale 1, one block: each code's value itself (the fast path's bit trick against torch's own
     float8 -> float32 conversion), ±0 kept apart, NaN codes NaN."""
-    from surgery.executor.experts import dequantize_into
+    from surgery.executor.dequantize import dequantize_into
 
     weight = torch.arange(256, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).reshape(16, 16)
     for codes in (weight, weight.clone().view(torch.uint8).masked_fill_((weight.view(torch.uint8) & 0x7F) == 0x7F, 0)

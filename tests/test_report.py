@@ -12,10 +12,10 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.fp8 import SCALE_SUFFIX
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from surgery.plan import make_plan, save_plan
 from surgery.report import build_report, write_model_card
 from surgery.report.card import base_model_id, pruned_counts
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 from tests.oracle import make_batch
 
 LENGTHS = [17, 5, 11, 17, 2, 9, 13]

@@ -13,7 +13,7 @@ from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import Checkpoint
 from surgery.checkpoint.w4a16 import dequantize_w4a16, dequantize_w4a16_into, read_packed_weight
 from surgery.errors import SurgeryError
-from surgery.executor.experts import Buffers, ExpertStore, Staging
+from surgery.executor.expert_store import Buffers, ExpertStore, Staging
 from surgery.quant.dequant import write_dequantized
 from surgery.quant.pipeline import quantize
 

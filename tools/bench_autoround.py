@@ -38,7 +38,7 @@ def tune_one_layer(model_dir: Path, layer: int, data, iters: int, batch_size: in
     from surgery.checkpoint.reader import Checkpoint
     from surgery.data.inputs import calibration_inputs
     from surgery.executor.cache import HiddenCache
-    from surgery.executor.calibrate import resolve_device, resolve_dtype
+    from surgery.executor.device import resolve_device, resolve_dtype
     from surgery.executor.engine import EngineOptions, Journal, LayerEngine
     from surgery.executor.stream import batch_ranges
     from surgery.quant.autoround_pass import AutoRoundPass

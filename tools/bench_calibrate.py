@@ -48,7 +48,7 @@ def tokens(args):
 
 
 def run_streaming(args) -> dict:
-    from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
+    from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator
 
     ids, mask = tokens(args)
     work = Path(args.dir) / "work"

@@ -22,8 +22,9 @@ Modes:
     # the 24-layer x 64-expert bf16 checkpoint tools/bench_calibrate.py builds: 450MB budget
     .venv/bin/python tools/bench_paging.py bench24 --budgets 450MB
 
-Page cache: `sync; echo 3 > /proc/sys/vm/drop_caches` when permitted (root, not read-only /proc), else
-`posix_fadvise(POSIX_FADV_DONTNEED)` on every shard after an fsync; residency is checked with
+Page cache: `sync; echo 3 > /proc/sys/vm/drop_caches` when permitted (root, not read-only /proc) and not
+turned off with BENCH_DROP_CACHES=0 (a shared machine), else `posix_fadvise(POSIX_FADV_DONTNEED)` on every
+shard after an fsync; residency is checked with
 `fincore` when it is installed, and the page says which method was used.
 """
 
@@ -97,9 +98,10 @@ def drop_cache(files: list[Path]) -> str:
     os.sync()
     method = None
     try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        method = "drop_caches"
+        if os.environ.get("BENCH_DROP_CACHES", "1") != "0":  # 0: only these files (a shared machine)
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
+            method = "drop_caches"
     except OSError:
         pass
     if method is None or (resident_bytes(files) or 0) > 0.02 * sum(p.stat().st_size for p in files):

@@ -56,11 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from surgery.arch.model import MoEModel  # noqa: E402
 from surgery.checkpoint.reader import Checkpoint  # noqa: E402
 from surgery.eval.loss import EvalInputs, EvalOptions, Evaluator, ModelRef  # noqa: E402
-from surgery.executor.calibrate import CalibrateOptions, CalibrationInputs, Calibrator  # noqa: E402
 from surgery.jsonio import write_json_atomic  # noqa: E402
 from surgery.plan import make_plan, plan_hash  # noqa: E402
 from surgery.plan.merge import outputs_loader  # noqa: E402
 from surgery.rewrite import rewrite_checkpoint  # noqa: E402
+from surgery.saliency.calibrate import CalibrateOptions, CalibrationInputs, Calibrator  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"

@@ -162,14 +162,6 @@ class LayerFactory:
                 total += t.numel * (item if t.torch_dtype.is_floating_point else t.itemsize)
         return total
 
-    def expert_store(self, layer: int, module: nn.Module):
-        """The layer's routed experts as an `ExpertStore`, or None for a dense layer."""
-        from surgery.executor.experts import ExpertStore
-
-        if self.moe_block(module) is None:
-            return None
-        return ExpertStore(self, layer)
-
     def _assign(self, module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
         """Assign the resident tensors; the routed experts' parameters (and only they) stay on meta."""
         state = {k: v.to(self.device, non_blocking=True) for k, v in state.items()}

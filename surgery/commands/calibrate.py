@@ -10,7 +10,7 @@ from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.commands import options as o
 from surgery.data.inputs import DataOptions
-from surgery.executor.options import CalibrateOptions
+from surgery.executor.options import CalibrateOptions, parse_batch_size
 from surgery.pipeline import calibrate
 
 
@@ -41,7 +41,7 @@ def calibrate_cmd(
     dataset: list[str] = o.DATASET,
     samples: int = o.SAMPLES,
     max_length: int = o.MAX_LENGTH,
-    batch_size: int = o.BATCH_SIZE,
+    batch_size: str = o.AUTO_BATCH_SIZE,
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
     seed: int = o.SEED,
@@ -62,8 +62,8 @@ def calibrate_cmd(
         relaunch_with_torchrun(nproc)
     model_dir = resolve_model(model)
     data = DataOptions(list(dataset), samples, max_length, seed, pack)
-    opts = CalibrateOptions(batch_size=batch_size, batch_tokens=batch_tokens, device=device, dtype=dtype,
-                            routing=routing, keep_hidden=keep_hidden, progress=not no_progress,
+    opts = CalibrateOptions(batch_size=parse_batch_size(batch_size), batch_tokens=batch_tokens, device=device,
+                            dtype=dtype, routing=routing, keep_hidden=keep_hidden, progress=not no_progress,
                             prefetch=not no_prefetch, cache_budget=o.budget_bytes(cache_budget),
                             checkpoint_every=checkpoint_every, memory_budget=o.memory_bytes(memory_budget))
     calibrate(model_dir, work, data, opts)

@@ -8,6 +8,9 @@ DATASET = typer.Option([], "--dataset", "-d", help="Calibration data SPEC (repea
 SAMPLES = typer.Option(64, "--samples", help="Documents per dataset (with --pack: rows of --max-length tokens).")
 MAX_LENGTH = typer.Option(512, "--max-length", help="Tokens per sequence (truncation).")
 BATCH_SIZE = typer.Option(8, "--batch-size", help="Sequences per forward batch.")
+AUTO_BATCH_SIZE = typer.Option("auto", "--batch-size",
+                               help="Sequences per forward batch, or auto: on CUDA as many tokens as the memory "
+                                    "budget allows, 8 rows on the CPU.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DTYPE = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, float32 on CPU), bfloat16 or float32.")
 SEED = typer.Option(42, "--seed", help="Sampling seed.")

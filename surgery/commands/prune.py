@@ -10,7 +10,7 @@ from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.commands import options as o
 from surgery.data.inputs import DataOptions
-from surgery.executor.options import CalibrateOptions
+from surgery.executor.options import DEFAULT_ROWS, CalibrateOptions, parse_batch_size
 from surgery.pipeline import prune
 
 
@@ -39,7 +39,7 @@ def prune_cmd(
                                                                "(default: the recipe's, else 64)."),
     max_length: int | None = typer.Option(None, "--max-length", help="Tokens per sequence (default: the recipe's, "
                                                                      "else 512)."),
-    batch_size: int = o.BATCH_SIZE,
+    batch_size: str = o.AUTO_BATCH_SIZE,
     device: str = o.DEVICE,
     dtype: str = o.DTYPE,
     seed: int | None = typer.Option(None, "--seed", help="Sampling seed, also --method random's (default: the "
@@ -73,8 +73,8 @@ def prune_cmd(
     data.samples = samples if samples is not None else data.samples
     data.max_length = max_length if max_length is not None else data.max_length
     data.seed = seed if seed is not None else data.seed
-    opts = CalibrateOptions(batch_size=batch_size, device=device, dtype=dtype, routing=routing,
-                            progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
+    opts = CalibrateOptions(batch_size=parse_batch_size(batch_size), device=device, dtype=dtype,
+                            routing=routing, progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
     from surgery.commands.quantize import pruned_destination, quantize_pruned
     from surgery.lock import directory_lock
@@ -90,5 +90,6 @@ def prune_cmd(
               progress=not no_progress, drop_mtp=drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,
               merge_saliency=merge_saliency)
         if quantize_scheme is not None:
-            quantize_pruned(pruned, out, quantize_method, work, data, batch_size, device, dtype, not no_progress,
-                            o.memory_bytes(memory_budget), group_size=quantize_group_size, iters=iters, lr=lr)
+            quantize_pruned(pruned, out, quantize_method, work, data, opts.batch_size or DEFAULT_ROWS, device, dtype,
+                            not no_progress, o.memory_bytes(memory_budget), group_size=quantize_group_size,
+                            iters=iters, lr=lr)

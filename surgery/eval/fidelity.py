@@ -34,12 +34,12 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
-from surgery.executor.calibrate import resolve_device
+from surgery.executor.device import resolve_device
 from surgery.executor.engine import EngineOptions, Journal, LayerEngine, LayerPass
-from surgery.executor.experts import BatchRouting, ExpertListener
+from surgery.executor.experts import BatchRouting, ChunkRows, ExpertListener, grouped_forward
+from surgery.executor.routing import SortedPairs
 from surgery.executor.stream import batch_ranges
 from surgery.jsonio import read_json, write_json_atomic
-from surgery.saliency.observer import expert_output
 
 KeySet = tuple[str, float]
 
@@ -104,43 +104,44 @@ def sliced_router(block: nn.Module, keep: list[int]) -> tuple[nn.Module, torch.T
     return sliced(gate), bias
 
 
-def _by_expert(index: torch.Tensor, weights: torch.Tensor, num: int):
-    """(token, weight) pairs of a routing sorted by expert, with each expert's slice bounds."""
-    flat = index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    tokens = torch.div(order, index.shape[1], rounding_mode="floor")
-    bounds = torch.cumsum(torch.bincount(flat, minlength=num), 0).tolist()
-    return tokens, weights.reshape(-1)[order], [0, *bounds]
-
-
 class _Routed:
     """Σ_slots w · E_j(x) (float32 [N, H]) for several routings of the same tokens (index in original
-    expert ids [N, k], weights [N, k]), built expert by expert: each expert runs once, on the union of
-    the tokens any routing sends it, so measuring many keep sets costs little more than one."""
+    expert ids [N, k], weights [N, k]), built chunk by chunk of experts: each expert runs once, on the
+    union of the tokens any routing sends it (one grouped forward per chunk), so measuring many keep
+    sets costs little more than one. Each routing's pairs and the union are sorted by expert once."""
 
     def __init__(self, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]], num: int) -> None:
         self.x = x
+        n = x.shape[0]
         self.outs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for _ in routings]
-        self.parts = [_by_expert(index, weights, num) for index, weights in routings]
+        self.parts = [SortedPairs(index, weights, num) for index, weights in routings]
+        keys = [index.reshape(-1)[p.slot_of] * n + p.token_of
+                for (index, _), p in zip(routings, self.parts, strict=True)]
+        union = torch.unique(torch.cat(keys))  # sorted: by expert, then token
+        self.union = SortedPairs(torch.div(union, n, rounding_mode="floor")[:, None], None, num, rounds=False)
+        self.union_tokens = union % n
+        self.position = [torch.searchsorted(union, k) for k in keys]  # each pair's row in the union
 
-    def add(self, j: int, run) -> None:
-        """Expert j's contributions; `run(rows)` evaluates it."""
-        spans = [(tok[b[j]:b[j + 1]], w[b[j]:b[j + 1]]) for tok, w, b in self.parts]
-        if not any(t.numel() for t, _ in spans):
+    def add(self, lo: int, hi: int, run) -> None:
+        """Experts [lo, hi)'s contributions; `run(x, tokens, counts, lengths)` evaluates them on pairs
+        sorted by expert."""
+        ua, ub = self.union.rows(lo, hi)
+        if ua == ub:
             return
-        union = torch.unique(torch.cat([t for t, _ in spans]))  # sorted
-        y = run(self.x[union]).float()
-        for out, (t, w) in zip(self.outs, spans, strict=True):
-            if t.numel():
-                out.index_add_(0, t, y[torch.searchsorted(union, t)] * w[:, None].float())
+        y = run(self.x, self.union_tokens[ua:ub], self.union.counts(lo, hi), self.union.lengths[lo:hi]).float()
+        for out, p, pos in zip(self.outs, self.parts, self.position, strict=True):
+            a, b = p.rows(lo, hi)
+            if b > a:
+                p.add_into(out, lo, hi, y[pos[a:b] - ua] * p.weight_of[a:b, None].float())
 
 
 def routed_outputs(experts: nn.Module, x: torch.Tensor, routings: list[tuple[torch.Tensor, torch.Tensor]],
                    num: int) -> list[torch.Tensor]:
-    """`_Routed` over a resident block's experts."""
+    """`_Routed` over a resident block's experts (every expert as one chunk)."""
     acc = _Routed(x, routings, num)
-    for j in range(num):
-        acc.add(j, lambda rows, j=j: expert_output(experts, j, rows))
+    params = dict(experts.named_parameters())
+    acc.add(0, num, lambda rows, tokens, counts, lengths: grouped_forward(experts, params, rows, tokens, counts,
+                                                                         lengths))
     return acc.outs
 
 
@@ -227,10 +228,10 @@ class _FidelityListener(ExpertListener):
         batch.notes[self] = acc
         self.batches.append((acc, int(xs.shape[0])))
 
-    def expert(self, batch, j, tokens, weights, y, run) -> None:
-        acc = batch.notes.get(self)
+    def chunk(self, rows: ChunkRows) -> None:
+        acc = rows.batch.notes.get(self)
         if acc is not None:
-            acc.add(j, run)
+            acc.add(rows.lo, rows.hi, rows.run)
 
     def finish(self) -> dict:
         total: dict = {}
@@ -263,7 +264,7 @@ def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir:
                  device: str = "auto", seed: int = 0, progress: bool = True,
                  memory_budget: int | None = None) -> dict:
     """Fidelity of every MoE layer for each (method, ratio), from a finished calibration in WORK;
-    writes and returns WORK/fidelity.json. dtype and batch size are the calibration's."""
+    writes and returns WORK/fidelity.json. dtype and batches are the calibration's."""
     from surgery.plan import make_plan, n_keep_for
 
     work = Path(work)
@@ -289,7 +290,9 @@ def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir:
             for layer in model.moe_layers}
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         manifest["inputs"]["options"]["dtype"]]
-    batch_size = int(manifest["inputs"]["options"]["batch_size"])
+    options = manifest["inputs"]["options"]  # the calibration's batches (resolved ones when it had them)
+    batching = manifest.get("batches") or {"batch_size": int(options["batch_size"]),
+                                           "batch_tokens": options.get("batch_tokens")}
     source = HiddenCache(cache_path)
     ids, mask = source.tokens()
     scratch_path = work / "fidelity" / "cache.zarr"
@@ -308,7 +311,8 @@ def run_fidelity(work: Path, methods: list[str], ratios: list[float], model_dir:
         engine = LayerEngine(model, resolve_device(device), dtype, cache, EngineOptions(
             progress=progress, cache_budget=0, memory_budget=memory_budget, crash_prefix="fidelity."))
         start = None if not source.has_hidden(todo[0]) else todo[0]
-        engine.walk([fidelity], ids, mask, batch_ranges(mask, batch_size), start, Journal(), layers=todo)
+        batches = batch_ranges(mask, batching["batch_size"], batching["batch_tokens"])
+        engine.walk([fidelity], ids, mask, batches, start, Journal(), layers=todo)
     finally:
         shutil.rmtree(work / "fidelity", ignore_errors=True)
         ckpt.close()

@@ -41,7 +41,7 @@ from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.eval.head import Head
 from surgery.executor.cache import HiddenCache
-from surgery.executor.calibrate import resolve_device, resolve_dtype
+from surgery.executor.device import resolve_device, resolve_dtype
 from surgery.executor.engine import EngineOptions, Journal, LayerEngine
 from surgery.executor.manifest import require_same_inputs
 from surgery.executor.stream import batch_ranges, real_length

@@ -9,10 +9,26 @@ import numpy as np
 
 from surgery.errors import SurgeryError
 
+DEFAULT_ROWS = 8  # rows per batch when the batch size is automatic and the device is the CPU
+
+
+def parse_batch_size(text: str | int | None) -> int | None:
+    """`--batch-size`: a row count, or `auto` (None: sized by the memory budget on CUDA, `DEFAULT_ROWS`
+    rows on the CPU)."""
+    if text is None or str(text).strip().lower() == "auto":
+        return None
+    try:
+        rows = int(str(text).strip())
+    except ValueError:
+        raise SurgeryError(f"--batch-size must be a number of rows or auto, got {text!r}") from None
+    if rows < 1:
+        raise SurgeryError(f"batch size must be at least 1, got {rows}")
+    return rows
+
 
 @dataclass
 class CalibrateOptions:
-    batch_size: int = 8
+    batch_size: int | None = None  # rows per batch; None = automatic (see `parse_batch_size`)
     batch_tokens: int | None = None  # token budget per batch instead of a fixed row count
     device: str = "auto"
     dtype: str = "auto"
@@ -27,17 +43,17 @@ class CalibrateOptions:
     def __post_init__(self) -> None:
         if self.routing not in ("model", "reference"):
             raise SurgeryError(f"unknown routing {self.routing!r} (use model or reference)")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise SurgeryError(f"batch size must be at least 1, got {self.batch_size}")
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
             raise SurgeryError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}")
 
     def identity(self) -> dict:
         """Options that change the result (and so must match on resume): the batching decides the
-        summation order. Prefetching, the cache tier and checkpointing do not change a bit."""
-        return {"batch_size": self.batch_size, "batch_tokens": self.batch_tokens, "dtype": self.dtype,
-                "routing": self.routing}
-
+        summation order (an automatic one is resolved once and kept in the manifest's `batches`).
+        Prefetching, the cache tier and checkpointing do not change a bit."""
+        return {"batch_size": "auto" if self.batch_size is None else self.batch_size,
+                "batch_tokens": self.batch_tokens, "dtype": self.dtype, "routing": self.routing}
 
 
 @dataclass

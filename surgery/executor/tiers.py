@@ -9,6 +9,7 @@ layer. Either way a boundary that is durable on disk can be resumed from bit for
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -57,17 +58,23 @@ class MemoryTier:
     def snapshot(self) -> dict[Batch, torch.Tensor]:
         return self.store
 
-    def save(self, boundary: int, snapshot: dict[Batch, torch.Tensor]) -> None:
-        """Write a boundary's rows (this rank's) into the zarr cache: the checkpoint of this tier."""
+    def save(self, boundary: int, snapshot: dict[Batch, torch.Tensor], abandon: threading.Event | None = None) -> bool:
+        """Write a boundary's rows (this rank's) into the zarr cache: the checkpoint of this tier. False
+        when `abandon` was set before every row was written (single rank only: ranks write together)."""
         t0 = time.perf_counter()
-        if self.ranks.main:
-            self.cache.create_hidden(boundary, *self.shape, self.dtype, 1)
-        self.ranks.barrier()
-        z = self.cache.hidden(boundary)
-        for (s, _e), y in snapshot.items():
-            HiddenCache.write_rows(z, s, y)
-        self.ranks.barrier()
-        self.write_seconds += time.perf_counter() - t0
+        try:
+            if self.ranks.main:
+                self.cache.create_hidden(boundary, *self.shape, self.dtype, 1)
+            self.ranks.barrier()
+            z = self.cache.hidden(boundary)
+            for (s, _e), y in snapshot.items():
+                if abandon is not None and abandon.is_set() and self.ranks.world == 1:
+                    return False
+                HiddenCache.write_rows(z, s, y)
+            self.ranks.barrier()
+            return True
+        finally:
+            self.write_seconds += time.perf_counter() - t0
 
 
 class ZarrTier:
@@ -103,8 +110,9 @@ class ZarrTier:
         self.layer += 1
         self._in = self._out
 
-    def save(self, boundary: int, snapshot: object) -> None:
+    def save(self, boundary: int, snapshot: object, abandon: threading.Event | None = None) -> bool:
         """Nothing to do: the boundary was written while the layer ran."""
+        return True
 
     def snapshot(self) -> None:
         return None

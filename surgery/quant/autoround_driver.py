@@ -39,7 +39,7 @@ def run_autoround(model_dir: Path, out: Path, work: Path, data, *, group_size: i
     `partial_groups`: `surgery.quant.targets.find_targets`'s."""
     from surgery.data.inputs import DataOptions, calibration_inputs
     from surgery.executor.budget import hold_heap_to_live_memory
-    from surgery.executor.calibrate import resolve_device, resolve_dtype
+    from surgery.executor.device import resolve_device, resolve_dtype
     from surgery.quant.run import output_complete, with_partial_groups, write_quantized
 
     opts = opts or SignRoundOptions()

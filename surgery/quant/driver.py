@@ -11,6 +11,7 @@ num_hidden_layers) are not calibrated: their weights take RTN.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ class _State(Journal):
                  command: str = "quantize --method gptq") -> None:
         self.path, self.identity, self.gp, self.command = work / name, identity, gp, command
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
+        self.summary: dict | None = None  # the engine's record of the walk (per-layer times), once done
 
     def commit(self, boundary: int | None) -> None:
         if boundary is not None:
@@ -46,7 +48,8 @@ class _State(Journal):
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
         write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": self.command,
                                       "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback})
+                                      "rtn_fallback": self.fallback,
+                                      **({"summary": self.summary} if self.summary else {})})
         committed = getattr(self.gp, "committed", None)
         if committed is not None:
             committed(boundary)
@@ -87,7 +90,10 @@ def walk_quantizer(model: MoEModel, qpass: LayerPass, work: Path, identity: dict
         return sum(journal.fallback.values())
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
                                                                     crash_prefix=crash_prefix))
+    t0 = time.perf_counter()
     engine.walk([qpass], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
+    journal.summary = engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes())
+    journal.commit(model.num_layers)  # the same state, now with where the time went
     return sum(journal.fallback.values())
 
 
@@ -124,7 +130,7 @@ def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 
     callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file).
     `partial_groups`: `surgery.quant.targets.find_targets`'s."""
     from surgery.data.inputs import DataOptions, calibration_inputs
-    from surgery.executor.calibrate import resolve_device, resolve_dtype
+    from surgery.executor.device import resolve_device, resolve_dtype
     from surgery.quant.gptq import DAMP
     from surgery.quant.run import output_complete, with_partial_groups, write_quantized
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-shot check of surgery's CUDA paths on a bare CUDA machine that has only this repository.
+# One-shot check and benchmark of surgery's CUDA paths on a bare CUDA machine that has only this repository.
 #
 # Why a script: GPU time is lent by the minute, so everything that needs a GPU to be believed runs in
 # one go (under 8 minutes): set up .venv with a CUDA torch, generate a 2-layer checkpoint with
 # MiniMax-M2's exact shapes in the hub FP8 layout (tools/gen_fullwidth.py), run `surgery calibrate`
 # on CUDA (device tier, pinned staging, device dequant, chunked experts under a small --memory-budget,
-# 2 ranks if there are 2 GPUs) and on the CPU (float32 reference), compare saliency, and print one
-# table (tools/gpu/check.py). Not part of CI.
+# 2 ranks if there are 2 GPUs) and on the CPU (float32 reference), compare saliency, then calibrate at
+# realistic size (>= 500k tokens), GPTQ of the pruned layers and a 62-layer extrapolation (tools/gpu/check.py,
+# docs/benchmarks-gpu.md). Not part of CI.
 #
 #   tools/gpu/check.sh [check.py options, e.g. --experts 128 --out gpu-check.md]    # or: just gpu-check
 #
@@ -62,6 +63,12 @@ if ! "$py" -c 'import surgery, zarr, datasets, typer, transformers, safetensors'
         echo "gpu-check: could not install surgery's dependencies (offline? put their wheels in .whl/)"
         exit 1
     }
+fi
+# the transformers this Python has must be one pyproject.toml allows (an image's own may not be): say which, and
+# stop rather than measure the project against a version it does not support
+if ! "$py" tools/gpu/transformers_check.py; then
+    echo "gpu-check: put a supported transformers wheel in .whl/ (or install one) and run again"
+    exit 1
 fi
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu-check: $("$py" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)') sees no GPU"

@@ -25,40 +25,15 @@ from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.reader import Checkpoint
 from surgery.errors import SurgeryError
 from surgery.executor.cache import HiddenCache
+from surgery.executor.device import resolve_device, resolve_dtype
 from surgery.executor.distributed import Ranks, init_ranks, sum_stats
 from surgery.executor.engine import EngineOptions, Journal, LayerEngine, LayerPass
 from surgery.executor.experts import ExpertListener, RoutedExperts
 from surgery.executor.manifest import require_same_inputs
-from surgery.executor.options import CalibrateOptions, CalibrationInputs
+from surgery.executor.options import DEFAULT_ROWS, CalibrateOptions, CalibrationInputs
 from surgery.executor.stream import batch_ranges
 from surgery.jsonio import read_json, save_npy_atomic, write_json_atomic
 from surgery.saliency.observer import LayerStats, SaliencyObserver
-
-
-def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise SurgeryError(f"unknown device {spec!r} (use auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SurgeryError(f"device {spec!r} requested but CUDA is not available")
-    return device
-
-
-def resolve_dtype(spec: str, device: torch.device, model: MoEModel) -> torch.dtype:
-    """auto: the checkpoint's dtype (bf16) on CUDA, float32 on CPU (reference-exact, and CPUs have no
-    fast float16)."""
-    names = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-    if spec != "auto":
-        if spec not in names:
-            raise SurgeryError(f"unknown dtype {spec!r} (use auto, bfloat16 or float32)")
-        return names[spec]
-    if device.type == "cpu":
-        return torch.float32
-    declared = str(model.ckpt.config.get("dtype") or model.ckpt.config.get("torch_dtype") or "bfloat16")
-    return names.get(declared, torch.bfloat16)
 
 
 class SaliencyPass(LayerPass):
@@ -82,9 +57,10 @@ class SaliencyPass(LayerPass):
         observer.detach()
         parts = self.ranks.gather(observer.stats.raw())
         if self.ranks.main:
-            total = LayerStats.from_raw(sum_stats(parts)) if len(parts) > 1 else observer.stats
-            save_npy_atomic(self.stats_dir / f"layer_{layer:04d}.outputs.npy", total.output_sum)
-            write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", total.result(), indent=None)
+            raw = sum_stats(parts) if len(parts) > 1 else parts[0]
+            save_npy_atomic(self.stats_dir / f"layer_{layer:04d}.outputs.npy", raw["output_sum"])
+            write_json_atomic(self.stats_dir / f"layer_{layer:04d}.json", LayerStats.from_raw(raw).result(),
+                              indent=None)
 
 
 class _Manifest(Journal):
@@ -113,6 +89,7 @@ class Calibrator:
         self.dtype = resolve_dtype(opts.dtype, self.device, self.model)
         self.manifest_path = self.work / "manifest.json"
         self.stats_dir = self.work / "stats"
+        self.batching: dict | None = None  # {"batch_size", "batch_tokens"} once resolved
 
     # ---------------------------------------------------------------- manifest
     def _identity(self, inputs: CalibrationInputs) -> dict:
@@ -148,8 +125,21 @@ class Calibrator:
             "completed_layers": completed,
             "complete": complete,
             "options": asdict(self.opts),
+            "batches": self.batching,
             **({"summary": summary} if summary else {}),
         })
+
+    def _batching(self, engine: LayerEngine, mask) -> dict:
+        """The run's batches as the options ask, an automatic size resolved now (on CUDA: the tokens the
+        memory budget allows, the same on every rank); kept in the manifest so a resumed run, whatever
+        memory it finds, uses the same batches."""
+        opts = self.opts
+        tokens = opts.batch_tokens
+        if opts.batch_size is None and tokens is None:
+            tokens = engine.batch_tokens(mask)
+            if tokens is not None:
+                tokens = -self.ranks.agree_max(-tokens)
+        return {"batch_size": opts.batch_size or DEFAULT_ROWS, "batch_tokens": tokens}
 
     # ---------------------------------------------------------------- run
     def run(self, inputs: CalibrationInputs) -> dict:
@@ -165,19 +155,21 @@ class Calibrator:
         t_start = time.perf_counter()
         cache = HiddenCache(self.work / "cache.zarr")
         ids, mask = inputs.input_ids, inputs.attention_mask
-        batches = ranks.share(batch_ranges(mask, opts.batch_size, opts.batch_tokens))
+        # the hidden states are not needed once the statistics are written: no checkpoint of the last layer
+        engine = LayerEngine(self.model, self.device, self.dtype, cache, EngineOptions(
+            prefetch=opts.prefetch, progress=opts.progress, cache_budget=opts.cache_budget,
+            checkpoint_every=opts.checkpoint_every, keep_hidden=opts.keep_hidden,
+            memory_budget=opts.memory_budget, final_checkpoint=False), ranks)
+        self.batching = (manifest or {}).get("batches") or self._batching(engine, mask)
+        batches = ranks.share(batch_ranges(mask, self.batching["batch_size"], self.batching["batch_tokens"]))
         journal = _Manifest(self, identity)
         start = None if manifest is None or manifest["completed_layers"] is None else int(manifest["completed_layers"])
         if start is None:
             # the manifest exists before the cache does, so a run killed while embedding is ours to redo
             journal.commit(None)
             if ranks.main:
-                cache.write_tokens(ids, mask, opts.batch_size)
+                cache.write_tokens(ids, mask, self.batching["batch_size"])
             ranks.barrier()
-        engine = LayerEngine(self.model, self.device, self.dtype, cache, EngineOptions(
-            prefetch=opts.prefetch, progress=opts.progress, cache_budget=opts.cache_budget,
-            checkpoint_every=opts.checkpoint_every, keep_hidden=opts.keep_hidden,
-            memory_budget=opts.memory_budget), ranks)
         saliency_pass = SaliencyPass(self.model, opts.routing, ranks, self.stats_dir)
         engine.walk([saliency_pass], ids, mask, batches, start, journal, mtp=self.model.mtp_expert_layers())
         ranks.barrier()
@@ -192,8 +184,12 @@ class Calibrator:
         }
         self.summary = engine.summary(time.perf_counter() - t_start, (start or 0), cache.disk_bytes())
         self.summary["tokens"] = real_tokens
+        self.summary["batches"] = self.batching
         if ranks.main:
             write_json_atomic(self.work / "saliency.json", saliency, indent=None)
             self._write_manifest(identity, self.model.num_layers, complete=True, summary=self.summary)
+            if not opts.keep_hidden:  # nothing resumes from them any more
+                for layer in cache.hidden_layers():
+                    cache.delete_hidden(layer)
         ranks.barrier()
         return saliency
