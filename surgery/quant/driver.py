@@ -28,6 +28,7 @@ from surgery.quant.gptq_pass import GPTQPass, layer_file
 from surgery.quant.targets import QuantTargets, find_targets
 
 STATE = "gptq.json"
+SUMMARY = "summary.json"  # the engine's record of the last walk (per-layer times); not a result
 
 __all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq", "walk_quantizer"]
 
@@ -39,7 +40,6 @@ class _State(Journal):
                  command: str = "quantize --method gptq") -> None:
         self.path, self.identity, self.gp, self.command = work / name, identity, gp, command
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
-        self.summary: dict | None = None  # the engine's record of the walk (per-layer times), once done
 
     def commit(self, boundary: int | None) -> None:
         if boundary is not None:
@@ -48,8 +48,7 @@ class _State(Journal):
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
         write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": self.command,
                                       "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback,
-                                      **({"summary": self.summary} if self.summary else {})})
+                                      "rtn_fallback": self.fallback})
         committed = getattr(self.gp, "committed", None)
         if committed is not None:
             committed(boundary)
@@ -92,8 +91,9 @@ def walk_quantizer(model: MoEModel, qpass: LayerPass, work: Path, identity: dict
                                                                     crash_prefix=crash_prefix))
     t0 = time.perf_counter()
     engine.walk([qpass], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
-    journal.summary = engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes())
-    journal.commit(model.num_layers)  # the same state, now with where the time went
+    # Where the time went, beside the journal rather than in it: the journal holds only what a resumed run
+    # must reproduce byte for byte, and timings never repeat.
+    write_json_atomic(work / SUMMARY, engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes()))
     return sum(journal.fallback.values())
 
 

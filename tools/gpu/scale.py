@@ -5,7 +5,7 @@
    copies, dequantisation, expert compute and the FLOP/s it achieved, the checkpoint write (in the
    background) and what the walk waited for it, the layer's wall; and the time before the first layer.
 2. GPTQ of the pruned layers: `surgery prune --ratio 0.5 --quantize w4a16 --quantize-method gptq`, seconds
-   per layer from the GPTQ walk's own record (`gptq.json` summary).
+   per layer from the GPTQ walk's own record (`summary.json` beside `gptq.json`).
 3. One line extrapolating both to MiniMax-M2.1's 62 layers (per-layer seconds x 62 + start-up).
 
 Nothing is guessed: every figure is read from what the runs recorded, or the run's own wall clock.
@@ -47,12 +47,13 @@ def run_stage(stage: Stage, files: list[Path], timeout: float) -> Stage:
 
 
 def read_summary(work: Path) -> dict:
-    """The engine's summary a run left: calibrate's manifest.json, or GPTQ's gptq.json (under WORK)."""
-    for path in [work / "manifest.json", *sorted(work.rglob("gptq.json"))]:
+    """The engine's summary a run left: calibrate's manifest.json, or a quantizer's summary.json (under WORK)."""
+    for path in [work / "manifest.json", *sorted(work.rglob("summary.json"))]:
         if path.is_file():
             data = json.loads(path.read_text())
-            if isinstance(data.get("summary"), dict) and data["summary"].get("per_layer"):
-                return data["summary"]
+            data = data.get("summary", data) if isinstance(data, dict) else {}
+            if isinstance(data, dict) and data.get("per_layer"):
+                return data
     return {}
 
 
