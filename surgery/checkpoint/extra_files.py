@@ -14,7 +14,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from surgery.checkpoint.writer import PARTIAL_SUFFIX
@@ -49,9 +49,10 @@ def regular_size(path: Path, rel: Path) -> int:
     return st.st_size
 
 
-def extra_files(model_dir: Path, shard_names: Collection[str], own: Collection[str]) -> tuple[list[Path], list[Path]]:
+def extra_files(model_dir: Path, shard_names: Collection[str],
+                own: Callable[[str], bool]) -> tuple[list[Path], list[Path]]:
     """Non-weight files to copy and weight files in other formats that are left out, as paths relative to
-    the model directory; `own` names the top-level files surgery writes itself (never copied), and the
+    the model directory; `own` says which top-level names surgery writes itself (never copied), and the
     checkpoint's shards and any unfinished `.partial` are passed over. Refuses a file to copy that is not
     a regular file."""
     copy, skipped = [], []
@@ -60,7 +61,7 @@ def extra_files(model_dir: Path, shard_names: Collection[str], own: Collection[s
         rel_root = Path(root).relative_to(model_dir)
         for name in sorted(files):
             rel = rel_root / name
-            if rel.as_posix() in shard_names or (rel_root == Path(".") and name in own):
+            if rel.as_posix() in shard_names or (rel_root == Path(".") and own(name)):
                 continue
             if name.endswith(PARTIAL_SUFFIX):
                 continue

@@ -51,7 +51,8 @@ FORMAT = 1  # of the progress manifests
 CONFIG = "config.json"
 PROVENANCE = "surgery.json"
 TENSORS_FILE = "surgery.tensors.json"  # the rewrite's tensor manifest (surgery.rewrite.tensor_manifest)
-# What surgery writes into a model directory itself: never copied from an input as an extra file
+# What surgery writes into a model directory itself (and the progress manifests, `.surgery-<kind>.json`):
+# never copied from an input as an extra file
 OWN_FILES = frozenset({CONFIG, INDEX_NAME, PROVENANCE, LOCK_NAME, TENSORS_FILE})
 # Test hook: free bytes to report for OUT's file system instead of the real figure (nothing else reads it)
 FREE_SPACE_ENV = "SURGERY_TEST_FREE_BYTES"
@@ -64,16 +65,20 @@ class OutputKind:
     """What a command's output is called: its progress manifest and where it records the job's hash, the
     words of its refusals, the label of its progress bar and crash points."""
 
-    name: str  # "rewrite", "quantize": progress bar, crash points, "<name> progress manifest"
+    name: str  # "rewrite", "quantize": the progress manifest `.surgery-<name>.json`, the progress bar, crash points
     noun: str  # "rewrite", "quantization": "holds no resumable <noun> of this <of>"
     of: str  # what the hash names: "plan", "job"
-    manifest: str  # the progress manifest's file name in OUT
     manifest_key: str  # the hash's key in the manifest
     provenance_key: str  # the hash's key in surgery.json
     other_unfinished: str  # refusal of OUT holding an unfinished output of another job ({other}, {this}: hashes)
     other_finished: str  # the same for a finished one
     no_space: str  # refusal of a resumed run that cannot fit ({need}, {free}: GB)
     total_parameters: bool  # recount the index's total_parameters (True) or drop it (a packed format)
+
+    @property
+    def manifest(self) -> str:
+        """The progress manifest's file name in OUT."""
+        return f".surgery-{self.name}.json"
 
 
 Buffer = bytes | bytearray | memoryview
@@ -223,7 +228,7 @@ def write_checkpoint(ckpt: Checkpoint, out_dir: Path, job: CheckpointJob, shards
     state, manifest = output_state(out_dir, kind, job.key)  # refusals happen here, before anything is written
     if state == "complete":
         return _already_complete(out_dir, kind, written, summary, t0)
-    copy, skipped = job_extra_files(ckpt, kind)  # odd files are refused here, before any shard
+    copy, skipped = checkpoint_extra_files(ckpt)  # odd files are refused here, before any shard
     if state == "fresh":  # (a resumed run checks what is left to write in write_shards)
         extra = sum((ckpt.directory / rel).stat().st_size for rel in copy)
         check_free_space(out_dir, summary["output_bytes"] + extra + SMALL_FILES_SLACK)
@@ -247,10 +252,15 @@ def write_checkpoint(ckpt: Checkpoint, out_dir: Path, job: CheckpointJob, shards
     return summary
 
 
-def job_extra_files(ckpt: Checkpoint, kind: OutputKind) -> tuple[list[Path], list[Path]]:
-    """The input's extra files an output of `kind` copies, and its weight files in other formats
-    (`checkpoint.extra_files.extra_files`); refuses one that is not a regular file."""
-    return extra_files(ckpt.directory, set(ckpt.shards), OWN_FILES | {kind.manifest})
+def checkpoint_extra_files(ckpt: Checkpoint) -> tuple[list[Path], list[Path]]:
+    """The input's extra files an output copies, and its weight files in other formats, left out
+    (`checkpoint.extra_files.extra_files`); refuses one that is not a regular file. `prune` calls it before
+    its long calibration, too."""
+    return extra_files(ckpt.directory, set(ckpt.shards), _own)
+
+
+def _own(name: str) -> bool:
+    return name in OWN_FILES or (name.startswith(".surgery-") and name.endswith(".json"))
 
 
 def _already_complete(out_dir: Path, kind: OutputKind, written: list[OutShard], summary: dict, t0: float) -> dict:

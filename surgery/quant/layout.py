@@ -5,6 +5,8 @@ One output shard per input shard, same file name, tensors in the input's file or
 and the group size), an FP8 weight that stays unquantized becomes its dequantised weight in the
 compute dtype, the FP8 scales are dropped, and every other tensor is a byte copy. Every offset is
 therefore known up front, which lets the writer put each header first and stream the data after it.
+The walk over shards and tensors is the one every writing command shares
+(`surgery.checkpoint.layout.plan_shards`); this module says what each input tensor becomes.
 """
 
 from __future__ import annotations

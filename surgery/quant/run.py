@@ -40,16 +40,16 @@ from surgery.quant.config import quantization_config, quantize_config
 from surgery.quant.layout import QTensor, plan_quant_layout
 from surgery.quant.targets import QuantTargets, Target, find_targets
 
-MANIFEST = ".surgery-quantize.json"
 FORMAT = 1  # of the job description (its hash names the output)
 Source = Callable[[Target], dict]  # target -> {"qweight", "qzeros", "scales"} tensors
 QUANTIZE = OutputKind(
-    name="quantize", noun="quantization", of="job", manifest=MANIFEST, manifest_key="job_sha256",
+    name="quantize", noun="quantization", of="job", manifest_key="job_sha256",
     provenance_key="quantize_sha256", total_parameters=False,
     other_unfinished="holds an unfinished quantization of another job ({other}, this one {this}); choose another "
                      "--out or delete it",
     other_finished="holds a finished checkpoint of another job; choose another --out or delete it",
     no_space="not enough free space: {need:.2f} GB more needed, {free:.2f} GB free")
+MANIFEST = QUANTIZE.manifest  # .surgery-quantize.json
 # the input's own versions of what a quantized output writes itself (README.md: the input's card
 # describes the input; the command writes OUT's own)
 NOT_COPIED = ("quantization_config.json", "quantize_config.json", "README.md")

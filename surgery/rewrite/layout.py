@@ -5,7 +5,9 @@ tensors are renamed to its new index (every tensor under the expert's prefix fol
 FP8 `weight_scale_inv`, any scales or zeros), a dropped expert's are left out, router tensors
 (weight [E, H] and biases [E]) keep the kept rows in the new order, and everything else is copied
 as is. Names, dtypes, shapes and therefore every offset are known here, which is what lets the
-writer put the header first and stream the data after it.
+writer put the header first and stream the data after it. The walk over shards and tensors is the one
+every writing command shares (`surgery.checkpoint.layout.plan_shards`); this module says what each
+input tensor becomes.
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ from surgery.checkpoint.output import (
     Buffer,
     CheckpointJob,
     OutputKind,
-    job_extra_files,
     new_summary,
     output_paths,
     write_checkpoint,
@@ -40,15 +39,15 @@ from surgery.rewrite.layout import OutShard, OutTensor, plan_layout
 from surgery.rewrite.merge import ExpertMerger
 from surgery.rewrite.tensor_manifest import shard_records, write_tensor_manifest
 
-MANIFEST = ".surgery-rewrite.json"
 REWRITE = OutputKind(
-    name="rewrite", noun="rewrite", of="plan", manifest=MANIFEST, manifest_key="plan_sha256",
+    name="rewrite", noun="rewrite", of="plan", manifest_key="plan_sha256",
     provenance_key="plan_sha256", total_parameters=True,
     other_unfinished="holds an unfinished rewrite of another plan (plan {other}, this plan {this}); choose another "
                      "--out or delete it",
     other_finished="holds a finished rewrite of another plan (plan {other}, this plan {this}); choose another --out "
                    "or delete it",
     no_space="not enough free space: the rewrite needs {need:.2f} GB more, {free:.2f} GB are free")
+MANIFEST = REWRITE.manifest  # .surgery-rewrite.json
 
 
 def rewrite_checkpoint(model_dir: str | Path, plan: dict, out_dir: str | Path, progress: bool = True) -> dict:
@@ -108,11 +107,6 @@ class RewriteJob(CheckpointJob):
     def write_config(self, out_dir: Path) -> None:
         config = new_config(self.model, self.n_keep, bool(self.plan.get("drop_mtp")))
         _write_text_durably(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
-
-
-def check_extra_files(ckpt: Checkpoint) -> None:
-    """A rewrite's extra-file refusals, for `prune` to make before its long calibration."""
-    job_extra_files(ckpt, REWRITE)
 
 
 def _router_rows(ckpt: Checkpoint, t: OutTensor) -> bytearray:
