@@ -65,7 +65,8 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
     """calibrate -> plan -> rewrite -> verify; returns the verify report. `keep` / `multiple_of` /
     `protect` / `merge_saliency` are `make_plan`'s; an impossible expert count is refused first."""
     from surgery.arch.model import MoEModel
-    from surgery.checkpoint.output import check_paths, checkpoint_extra_files
+    from surgery.checkpoint.extra_files import checkpoint_extra_files
+    from surgery.checkpoint.output import check_paths
     from surgery.checkpoint.reader import Checkpoint
     from surgery.jsonio import read_json, write_json_atomic
     from surgery.lock import directory_lock

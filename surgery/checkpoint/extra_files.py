@@ -17,13 +17,21 @@ import stat
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from surgery.checkpoint.reader import INDEX_NAME, Checkpoint
 from surgery.checkpoint.writer import PARTIAL_SUFFIX
 from surgery.errors import SurgeryError
+from surgery.lock import LOCK_NAME
 
 # Files that hold weights in some other format: copying them would ship the unpruned model again.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
                    ".npz", ".distcp")
 WEIGHT_INDEXES = (".safetensors.index.json", ".bin.index.json", ".pt.index.json")
+# What surgery writes into an output itself (besides the progress manifests, `.surgery-<command>.json`):
+# never copied from an input, where an earlier run of surgery left them
+CONFIG = "config.json"
+PROVENANCE = "surgery.json"
+TENSORS_FILE = "surgery.tensors.json"  # the rewrite's tensor manifest (surgery.rewrite.tensor_manifest)
+OWN_FILES = frozenset({CONFIG, INDEX_NAME, PROVENANCE, LOCK_NAME, TENSORS_FILE})
 
 
 def regular_size(path: Path, rel: Path) -> int:
@@ -71,6 +79,16 @@ def extra_files(model_dir: Path, shard_names: Collection[str],
                 regular_size(Path(root) / name, rel)
                 copy.append(rel)
     return copy, skipped
+
+
+def checkpoint_extra_files(ckpt: Checkpoint) -> tuple[list[Path], list[Path]]:
+    """`extra_files` of a checkpoint's directory, passing over its shards and surgery's own files. The
+    output writer calls it before the first shard; `prune`, before its long calibration, too."""
+    return extra_files(ckpt.directory, set(ckpt.shards), _own)
+
+
+def _own(name: str) -> bool:
+    return name in OWN_FILES or (name.startswith(".surgery-") and name.endswith(".json"))
 
 
 def copy_file(src: Path, dst: Path) -> None:

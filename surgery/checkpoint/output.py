@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import surgery
-from surgery.checkpoint.extra_files import copy_file, extra_files
+from surgery.checkpoint.extra_files import CONFIG, PROVENANCE, checkpoint_extra_files, copy_file
 from surgery.checkpoint.layout import OutShard
 from surgery.checkpoint.reader import INDEX_NAME, SINGLE_NAME, Checkpoint
 from surgery.checkpoint.writer import SafetensorsWriter, fsync_dir, sha256_file
@@ -48,12 +48,6 @@ from surgery.jsonio import read_json, write_json_atomic
 from surgery.lock import LOCK_NAME, directory_lock
 
 FORMAT = 1  # of the progress manifests
-CONFIG = "config.json"
-PROVENANCE = "surgery.json"
-TENSORS_FILE = "surgery.tensors.json"  # the rewrite's tensor manifest (surgery.rewrite.tensor_manifest)
-# What surgery writes into a model directory itself (and the progress manifests, `.surgery-<kind>.json`):
-# never copied from an input as an extra file
-OWN_FILES = frozenset({CONFIG, INDEX_NAME, PROVENANCE, LOCK_NAME, TENSORS_FILE})
 # Test hook: free bytes to report for OUT's file system instead of the real figure (nothing else reads it)
 FREE_SPACE_ENV = "SURGERY_TEST_FREE_BYTES"
 # Space for what is written besides shards and extra files (index, config, provenance, manifests)
@@ -250,17 +244,6 @@ def write_checkpoint(ckpt: Checkpoint, out_dir: Path, job: CheckpointJob, shards
         _finish(ckpt, out_dir, job, written, manifest, summary, copy, skipped)
     summary["seconds"] = time.perf_counter() - t0
     return summary
-
-
-def checkpoint_extra_files(ckpt: Checkpoint) -> tuple[list[Path], list[Path]]:
-    """The input's extra files an output copies, and its weight files in other formats, left out
-    (`checkpoint.extra_files.extra_files`); refuses one that is not a regular file. `prune` calls it before
-    its long calibration, too."""
-    return extra_files(ckpt.directory, set(ckpt.shards), _own)
-
-
-def _own(name: str) -> bool:
-    return name in OWN_FILES or (name.startswith(".surgery-") and name.endswith(".json"))
 
 
 def _already_complete(out_dir: Path, kind: OutputKind, written: list[OutShard], summary: dict, t0: float) -> dict:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import surgery
 from surgery.arch.model import MoEModel
+from surgery.checkpoint.extra_files import CONFIG
 from surgery.checkpoint.fingerprint import fingerprint
 from surgery.checkpoint.output import (
-    CONFIG,
     CheckpointJob,
     OutputKind,
     is_complete,

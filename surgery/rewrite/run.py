@@ -22,8 +22,8 @@ from pathlib import Path
 
 import surgery
 from surgery.arch.model import MoEModel
+from surgery.checkpoint.extra_files import CONFIG
 from surgery.checkpoint.output import (
-    CONFIG,
     Buffer,
     CheckpointJob,
     OutputKind,

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from surgery.checkpoint.output import TENSORS_FILE
+from surgery.checkpoint.extra_files import TENSORS_FILE
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.errors import SurgeryError
 from surgery.jsonio import read_json, write_json_atomic
