@@ -65,19 +65,20 @@ def prune(model_dir: Path, out: Path, work: Path, data: DataOptions, opts: Calib
     """calibrate -> plan -> rewrite -> verify; returns the verify report. `keep` / `multiple_of` /
     `protect` / `merge_saliency` are `make_plan`'s; an impossible expert count is refused first."""
     from surgery.arch.model import MoEModel
+    from surgery.checkpoint.extra_files import checkpoint_extra_files
+    from surgery.checkpoint.output import check_paths
     from surgery.checkpoint.reader import Checkpoint
     from surgery.jsonio import read_json, write_json_atomic
     from surgery.lock import directory_lock
     from surgery.plan import check_request, make_plan, plan_file_name
     from surgery.plan.merge import outputs_loader
     from surgery.rewrite import rewrite_checkpoint, verify_checkpoint
-    from surgery.rewrite.run import _check_paths, check_extra_files
 
     with Checkpoint(model_dir) as ckpt:  # before calibration: an impossible count costs nothing, writes nothing
         check_request(MoEModel(ckpt), method, ratio, keep=keep, multiple_of=multiple_of, protect=protect,
                       merge_saliency=merge_saliency)
-        check_extra_files(model_dir, ckpt)  # a dangling symlink or a FIFO is refused before calibration, too
-    _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
+        checkpoint_extra_files(ckpt)  # a dangling symlink or a FIFO is refused before calibration, too
+    check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
     with directory_lock(out), directory_lock(work):  # held by the whole job; each stage takes them again
         saliency = calibrate(model_dir, work, data, opts)
         plan_path = work / plan_file_name(method, ratio, drop_mtp, keep=keep, multiple_of=multiple_of, protect=protect,

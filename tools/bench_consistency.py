@@ -4,7 +4,8 @@ The check runs before every command, so it must stay cheap on the largest checkp
 tensor data, only the names, dtypes and shapes the reader already holds. The layout is MiniMax-M2's
 (62 layers x 256 experts, FP8 with block scales, 96k tensors, 230 GB), written as sparse files by
 tools/bench_inspect.py's builder and split into 1,000 shards; opening it (index + 1,000 headers) and
-the check itself are timed separately, best of `--repeat`.
+the check itself are timed separately, best of `--repeat`. (The unit test, tests/test_consistency_cost.py,
+counts the check's work on the same layout instead: timings belong here, not in tests.)
 
     .venv/bin/python tools/bench_consistency.py [--layers 62 --experts 256 --shards 1005 --repeat 3]
 """

@@ -76,9 +76,9 @@ def prune_cmd(
     opts = CalibrateOptions(batch_size=parse_batch_size(batch_size), device=device, dtype=dtype,
                             routing=routing, progress=not no_progress, memory_budget=o.memory_bytes(memory_budget))
     chosen_ratio = ratio if ratio is not None else (None if keep is not None else chosen_ratio)
+    from surgery.checkpoint.output import check_paths as _check_paths
     from surgery.commands.quantize import pruned_destination, quantize_pruned
     from surgery.lock import directory_lock
-    from surgery.rewrite.run import _check_paths
 
     work = work or out.with_name(out.name + ".work")
     pruned = pruned_destination(quantize_scheme, quantize_method, out, work, quantize_group_size, iters, lr)

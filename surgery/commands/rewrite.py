@@ -8,13 +8,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from surgery.checkpoint.output import check_paths
 from surgery.checkpoint.resolve import resolve_model
 from surgery.cli import app
 from surgery.humanize import human_bytes
 from surgery.lock import directory_lock
 from surgery.plan import load_plan
 from surgery.rewrite import rewrite_checkpoint
-from surgery.rewrite.run import _check_paths
 
 
 @app.command("rewrite")
@@ -28,7 +28,7 @@ def rewrite_cmd(
     """Stream MODEL shard by shard into OUT, keeping the plan's experts. Run again to resume."""
     console = Console(stderr=True, soft_wrap=True)
     model_dir, plan_obj = resolve_model(model), load_plan(plan)
-    _check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
+    check_paths(model_dir, out)  # OUT is never the model directory, not even for its lock file
     with directory_lock(out):  # first: a second rewrite into OUT is refused naming the one writing it
         summary = rewrite_checkpoint(model_dir, plan_obj, out, progress=progress)
     if as_json:

@@ -19,11 +19,11 @@ def quantize(model_dir: Path, out: Path, *, method: str = "rtn", group_size: int
     AutoRound's own outputs; vLLM loads such an output nowhere). autoround: `tuning` is a
     `SignRoundOptions` (default AutoRound's; its batch size replaces `batch_size`), `reference` the
     tuning target ("float": AutoRound's float chain; "quantized": the float layer on the same inputs)."""
+    from surgery.checkpoint.output import check_paths
     from surgery.lock import directory_lock
     from surgery.quant.run import rtn_source, write_quantized
-    from surgery.rewrite.run import _check_paths
 
-    _check_paths(Path(model_dir), Path(out))  # OUT is never the model directory, not even for its lock file
+    check_paths(Path(model_dir), Path(out))  # OUT is never the model directory, not even for its lock file
     if method == "rtn":
         with Checkpoint(model_dir) as ckpt, directory_lock(out):
             return write_quantized(model_dir, out, rtn_source(ckpt, group_size), method="rtn",

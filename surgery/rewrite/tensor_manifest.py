@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+from surgery.checkpoint.extra_files import TENSORS_FILE
 from surgery.checkpoint.reader import Checkpoint, TensorInfo
 from surgery.errors import SurgeryError
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.rewrite.layout import OutShard, OutTensor
 
-TENSORS_FILE = "surgery.tensors.json"
 FORMAT = 1
 CHUNK = 8 * 1024 * 1024
 
