@@ -32,20 +32,29 @@ __all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq"]
 
 
 class _State(Journal):
-    """WORK/gptq.json: inputs, durable boundary, RTN fallbacks per finished layer."""
+    """WORK/gptq.json: inputs, durable boundary, RTN fallbacks per finished layer (and, of those, the
+    weights whose Hessian did not factorise), and once the walk is over, where its time went."""
 
     def __init__(self, work: Path, identity: dict, gp: GPTQPass, previous: dict | None) -> None:
         self.path, self.identity, self.gp = work / STATE, identity, gp
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
+        self.cholesky = dict((previous or {}).get("cholesky_fallback", {}))
+        self.boundary: int | None = None
+        self.timings: dict[str, float] = {}
 
     def commit(self, boundary: int | None) -> None:
         if boundary is not None:
             for layer in range(boundary):
                 if layer in self.gp.rtn_fallback:
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
-        write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": "quantize --method gptq",
-                                      "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback})
+                    self.cholesky[str(layer)] = self.gp.cholesky_fallback.get(layer, 0)
+        self.boundary = boundary
+        state = {"tool": f"surgery {surgery.__version__}", "command": "quantize --method gptq",
+                 "identity": self.identity, "completed_layers": boundary, "rtn_fallback": self.fallback,
+                 "cholesky_fallback": self.cholesky}
+        if self.timings:
+            state["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        write_json_atomic(self.path, state)
 
 
 def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity: dict, ids: np.ndarray,
@@ -53,7 +62,7 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
                    dtype: torch.dtype, progress: bool = True, min_tokens: int | None = None,
                    memory_budget: int | None = None) -> int:
     """Run GPTQ layer by layer into WORK (resumable); returns the number of weights that fell back to RTN."""
-    from surgery.executor.stream import batch_ranges
+    from surgery.executor.stream import batch_ranges, real_length
 
     work = Path(work)
     state_path = work / STATE
@@ -63,7 +72,8 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
     work.mkdir(parents=True, exist_ok=True)
     cache = HiddenCache(work / "cache.zarr")
     batches = batch_ranges(mask, batch_size)
-    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device)
+    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device,
+                  positions=sum((e - s) * real_length(mask[s:e]) for s, e in batches))
     journal = _State(work, identity, gp, previous)
     start = None if previous is None else previous.get("completed_layers")
     if start is None:
@@ -74,6 +84,10 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
     engine = LayerEngine(model, device, dtype, cache, EngineOptions(progress=progress, memory_budget=memory_budget,
                                                                     crash_prefix="gptq."))
     engine.walk([gp], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
+    # where the time went (host-side seconds): the engine's split, then the pass's stages within it
+    journal.timings = {**{f"engine: {k}": v for k, v in {**engine.factory.timings, **engine.timings}.items()},
+                       **gp.timings}
+    journal.commit(journal.boundary)
     return sum(journal.fallback.values())
 
 

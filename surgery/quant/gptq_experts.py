@@ -20,6 +20,8 @@ For the experts `ids` the engine has built (`weights[param]` `[n, ...]` on the c
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,8 +31,9 @@ from surgery.errors import SurgeryError
 from surgery.executor.grouped import grouped_linear
 from surgery.quant.gptq_batch import for_parts, quantize_batch, rtn_batch
 from surgery.quant.pack import decode_batch, pack_batch
+from surgery.quant.rtn import num_groups
 
-TOKEN_PART_BYTES = 64 << 20  # float32 bytes of routed rows per CPU part of the Hessian products
+TOKEN_PART_BYTES = 24 << 20  # float32 bytes of routed rows and their products per CPU part of the Hessians
 
 
 @dataclass(frozen=True)
@@ -56,53 +59,75 @@ class ChunkResult:
     failed: torch.Tensor | int = 0
 
 
-def routed_tokens(captured: list, ids: list[int], minimum: int) -> tuple[torch.Tensor | None, list[int], list[int]]:
-    """(x, counts, chosen): the valid routed tokens of the chosen experts (positions k in `ids` of those with
-    at least `minimum`), `[sum of their counts, H]` sorted by expert, rows of one expert in batch order;
-    `counts` for every expert of `ids`. One host read: the chunk's validity mask."""
-    first, stop = ids[0], ids[-1] + 1
-    if ids != list(range(first, stop)):
-        raise SurgeryError(f"internal error: GPTQ chunk {ids[:3]}... is not a run of consecutive experts")
-    n = len(ids)
-    segs = [b.token_of[b.bounds[first]:b.bounds[stop]] for b in captured]
-    if not segs or not sum(s.numel() for s in segs):
-        return None, [0] * n, []
-    keep = torch.cat([b.valid[s] for b, s in zip(captured, segs, strict=True)]).cpu().numpy()
-    expert = np.concatenate([np.repeat(np.arange(n), np.diff(np.asarray(b.bounds[first:stop + 1])))
-                             for b in captured])
-    counts = np.bincount(expert[keep], minlength=n)
-    chosen = [k for k in range(n) if counts[k] >= minimum and counts[k] > 0]
-    if not chosen:
-        return None, counts.tolist(), []
-    order = np.argsort(expert, kind="stable")  # expert-major; batch order, then routing order, kept
-    take = keep[order] & np.isin(expert[order], chosen)
-    rows = torch.cat([b.x[s] for b, s in zip(captured, segs, strict=True)])
-    x = rows[torch.from_numpy(order[take]).to(rows.device)]
-    return x, counts.tolist(), chosen
+class RoutedTokens:
+    """The valid routed tokens of a chunk's experts across the captured batches, sorted by expert (one
+    expert's rows in batch order, as the per-expert form concatenates them). Reading the chunk's validity
+    mask is its one host synchronisation; the rows themselves are gathered part by part (`rows`), so no
+    copy of every routed token of the chunk is ever held at once."""
+
+    def __init__(self, captured: list, ids: list[int], minimum: int) -> None:
+        first, stop = ids[0], ids[-1] + 1
+        if ids != list(range(first, stop)):
+            raise SurgeryError(f"internal error: GPTQ chunk {ids[:3]}... is not a run of consecutive experts")
+        n = len(ids)
+        self._x = [b.x for b in captured]
+        self._segs = [b.token_of[b.bounds[first]:b.bounds[stop]] for b in captured]
+        sizes = [s.numel() for s in self._segs]
+        self.counts, self.chosen = [0] * n, []
+        self.width = captured[0].x.shape[-1] if captured else 0
+        self.device = captured[0].x.device if captured else torch.device("cpu")
+        if not sum(sizes):
+            return
+        keep = torch.cat([b.valid[s] for b, s in zip(captured, self._segs, strict=True)]).cpu().numpy()
+        expert = np.concatenate([np.repeat(np.arange(n), np.diff(np.asarray(b.bounds[first:stop + 1])))
+                                 for b in captured])
+        counts = np.bincount(expert[keep], minlength=n)
+        self.counts = counts.tolist()
+        self.chosen = [k for k in range(n) if counts[k] >= max(minimum, 1)]
+        order = np.argsort(expert, kind="stable")  # expert-major; batch, then routing order, kept
+        order = order[keep[order] & np.isin(expert[order], self.chosen)]
+        batch = np.repeat(np.arange(len(sizes)), sizes)
+        self._batch = batch[order]
+        self._local = order - np.concatenate([[0], np.cumsum(sizes)[:-1]])[self._batch]
+        self._start = np.concatenate([[0], np.cumsum(counts[self.chosen])]).tolist()
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """`[rows, H]`: the tokens of chosen experts a..b-1 (positions in `chosen`), in order."""
+        lo, hi = self._start[a], self._start[b]
+        x0 = self._x[0]
+        out = torch.empty((hi - lo, self.width), dtype=x0.dtype, device=x0.device)
+        batch, local = self._batch[lo:hi], self._local[lo:hi]
+        for i, (x, seg) in enumerate(zip(self._x, self._segs, strict=True)):
+            mine = np.flatnonzero(batch == i)
+            if mine.size:
+                tokens = seg[torch.from_numpy(local[mine]).to(seg.device)]
+                out.index_copy_(0, torch.from_numpy(mine).to(out.device), x.index_select(0, tokens))
+        return out
 
 
-def expert_hessians(x: torch.Tensor, counts: list[int], gate_up: torch.Tensor | None, act,
+def expert_hessians(tokens: RoutedTokens, gate_up: torch.Tensor | None, act,
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(H_in `[g, H, H]`, H_mid `[g, I, I]` or None): 2/n Σ x xᵀ of each expert's rows of `x` (float32
-    sums, as `gptq.Hessian`) and of act(gate)·up under `gate_up` `[g, 2I, H]`."""
-    g, d = len(counts), x.shape[-1]
-    h_in = torch.zeros((g, d, d), dtype=torch.float32, device=x.device)
+    """(H_in `[g, H, H]`, H_mid `[g, I, I]` or None) of the chosen experts: 2/n Σ x xᵀ of each one's
+    tokens (float32 sums, as `gptq.Hessian`) and of act(gate)·up under its `gate_up` `[g, 2I, H]`."""
+    counts = [tokens.counts[k] for k in tokens.chosen]
+    g, d, device = len(counts), tokens.width, tokens.device
+    h_in = torch.zeros((g, d, d), dtype=torch.float32, device=device)
     h_mid = None
     if gate_up is not None:
         inter = gate_up.shape[1] // 2
-        h_mid = torch.zeros((g, inter, inter), dtype=torch.float32, device=x.device)
-    starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        h_mid = torch.zeros((g, inter, inter), dtype=torch.float32, device=device)
 
     def part(a: int, b: int) -> None:
-        rows = x[starts[a]:starts[b]]
+        rows = tokens.rows(a, b)
         _accumulate(h_in[a:b], rows.to(torch.float32), counts[a:b])
         if h_mid is not None:
             gate, up = grouped_linear(rows, gate_up[a:b], counts[a:b]).chunk(2, dim=-1)
             _accumulate(h_mid[a:b], (act(gate) * up).to(torch.float32), counts[a:b])
 
-    per = max(1, TOKEN_PART_BYTES // max(1, 4 * d * max(1, starts[-1] // g)))
-    for_parts(g, per, part, x.device)
-    scale = torch.tensor([2.0 / max(c, 1) for c in counts], dtype=torch.float32).to(x.device)
+    width = 4 * (d + 3 * (0 if gate_up is None else gate_up.shape[1] // 2))
+    per = max(1, TOKEN_PART_BYTES // max(1, width * sum(counts) // g))
+    for_parts(g, per, part, device)
+    scale = torch.tensor([2.0 / max(c, 1) for c in counts], dtype=torch.float32).to(device)
     h_in.mul_(scale[:, None, None])
     if h_mid is not None:
         h_mid.mul_(scale[:, None, None])
@@ -117,44 +142,68 @@ def _accumulate(h: torch.Tensor, rows: torch.Tensor, counts: list[int]) -> None:
         start += c
 
 
+@contextmanager
+def timed(timings: dict[str, float] | None, key: str):
+    """Add the host-side seconds of the block to `timings[key]` (on an accelerator: the time to queue it)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
 def quantize_chunk(weights: dict[str, torch.Tensor], slots: list[Slot], captured: list, ids: list[int],
-                   act, *, group_size: int, damp: float, minimum: int) -> ChunkResult:
+                   act, *, group_size: int, damp: float, minimum: int,
+                   timings: dict[str, float] | None = None) -> ChunkResult:
     """Quantize the chunk's slots in place in `weights` (decoded) and return the packed tensors."""
-    n = len(ids)
-    x, counts, chosen = routed_tokens(captured, ids, minimum)
-    rtn = [k for k in range(n) if k not in set(chosen)]
-    result = ChunkResult(few_tokens=len(rtn) * len(slots))
-    h_in = h_mid = None
-    if chosen:
-        gate_up = weights.get("gate_up_proj")
-        sel = torch.tensor(chosen, device=x.device)
-        h_in, h_mid = expert_hessians(x, [counts[k] for k in chosen],
-                                      None if gate_up is None else gate_up[sel], act)
-        del x
+    with timed(timings, "experts: tokens and Hessians"):
+        tokens = RoutedTokens(captured, ids, minimum)
+        chosen = tokens.chosen
+        few = [k for k in range(len(ids)) if k not in set(chosen)]
+        hessians = {}
+        if chosen:
+            gate_up = weights.get("gate_up_proj")
+            sel = torch.tensor(chosen, device=tokens.device)
+            hessians["in"], hessians["down"] = expert_hessians(tokens, None if gate_up is None else gate_up[sel],
+                                                               act)
+        del tokens
+    result = ChunkResult(few_tokens=len(few) * len(slots))
     for param in dict.fromkeys(s.param for s in slots):
         mine = [s for s in slots if s.param == param]
-        rows = torch.cat([weights[param][:, s.row:s.row + s.out] for s in mine], dim=1) if len(mine) > 1 \
-            else weights[param][:, mine[0].row:mine[0].row + mine[0].out]
-        n_, out_f, in_f = rows.shape
-        levels = torch.empty((n_, in_f, out_f), dtype=torch.uint8, device=rows.device)
-        scales = torch.empty((n_, out_f, -(-in_f // group_size)), dtype=torch.float16, device=rows.device)
-        if chosen:
-            down = {s.role == "down" for s in mine}
-            if len(down) > 1:
-                raise SurgeryError(f"internal error: {param} mixes down with gate/up rows")
-            h = h_mid if down.pop() else h_in
-            if h is None:
-                raise SurgeryError(f"internal error: no Hessian for the routed experts' {param}")
-            q = quantize_batch(rows[sel], h, group_size, damp)
-            levels[sel], scales[sel] = q.levels, q.scales
-            result.failed = result.failed + q.failed.sum() * len(mine)
-        if rtn:
-            idx = torch.tensor(rtn, device=rows.device)
-            levels[idx], scales[idx] = rtn_batch(rows[idx], group_size)
-        at = 0
-        for s in mine:
-            lv, sc = levels[:, :, at:at + s.out], scales[:, at:at + s.out]
-            decode_batch(lv, sc, group_size, weights[param][:, s.row:s.row + s.out])
-            result.packed[s] = pack_batch(lv, sc)
-            at += s.out
+        roles = {"down" if s.role == "down" else "in" for s in mine}
+        if len(roles) > 1 or (chosen and hessians.get(next(iter(roles))) is None):
+            raise SurgeryError(f"internal error: no one Hessian for the routed experts' {param}")
+        with timed(timings, "experts: GPTQ and RTN"):
+            levels, scales, failed = _quantize_rows(weights[param], mine, chosen, few,
+                                                    hessians.get(next(iter(roles))), group_size, damp)
+        result.failed = result.failed + failed * len(mine)
+        with timed(timings, "experts: decode and pack"):
+            at = 0
+            for s in mine:
+                lv, sc = levels[:, :, at:at + s.out], scales[:, at:at + s.out]
+                decode_batch(lv, sc, group_size, weights[param][:, s.row:s.row + s.out])
+                result.packed[s] = pack_batch(lv, sc)
+                at += s.out
     return result
+
+
+def _quantize_rows(param: torch.Tensor, mine: list[Slot], chosen: list[int], few: list[int],
+                   hessian: torch.Tensor | None, group_size: int, damp: float):
+    """(levels `[n, in, rows]`, scales `[n, rows, groups]`, failed count) of the slots' rows of a fused
+    parameter `[n, out, in]`: GPTQ for the chosen experts, RTN for the few-token ones."""
+    rows = torch.cat([param[:, s.row:s.row + s.out] for s in mine], dim=1) if len(mine) > 1 \
+        else param[:, mine[0].row:mine[0].row + mine[0].out]
+    n, out_f, in_f = rows.shape
+    levels = torch.empty((n, in_f, out_f), dtype=torch.uint8, device=rows.device)
+    scales = torch.empty((n, out_f, num_groups(in_f, group_size)), dtype=torch.float16, device=rows.device)
+    failed = 0
+    if chosen:
+        sel = torch.tensor(chosen, device=rows.device)
+        q = quantize_batch(rows[sel], hessian, group_size, damp)
+        levels[sel], scales[sel] = q.levels, q.scales
+        failed = q.failed.sum()
+    if few:
+        idx = torch.tensor(few, device=rows.device)
+        levels[idx], scales[idx] = rtn_batch(rows[idx], group_size)
+    return levels, scales, failed

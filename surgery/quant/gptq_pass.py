@@ -42,7 +42,7 @@ from surgery.errors import SurgeryError
 from surgery.executor.engine import LayerPass
 from surgery.quant.gptq import DAMP, Hessian
 from surgery.quant.gptq_batch import quantize_batch, rtn_batch
-from surgery.quant.gptq_experts import Slot, quantize_chunk
+from surgery.quant.gptq_experts import Slot, quantize_chunk, timed
 from surgery.quant.gptq_writer import DEPTH, LayerWriter, host_ready, to_host
 from surgery.quant.pack import SUFFIXES, decode_batch, pack_batch, packed_shapes, qzeros
 from surgery.quant.rtn import num_groups
@@ -88,6 +88,7 @@ class GPTQPass(LayerPass):
         self._experts: nn.Module | None = None
         self._writer: LayerWriter | None = None
         self._zeros: dict[tuple[int, int], torch.Tensor] = {}
+        self.timings: dict[str, float] = {}  # host-side seconds per stage, summed over the walk
         roles = [r for _, rs in model.spec.fused_experts for r in rs]
         self._role_order = {r: i for i, r in enumerate(roles)}
 
@@ -122,7 +123,8 @@ class GPTQPass(LayerPass):
                 self._zeros[key] = qzeros(*key)
             out += [(f"{module}.qweight", qweight), (f"{module}.qzeros", self._zeros[key]),
                     (f"{module}.scales", scales)]
-        self._writer.put(out, host_ready(self.device))
+        with timed(self.timings, "writer: waiting for it"):
+            self._writer.put(out, host_ready(self.device))
 
     def _count(self, layer: int, weights: int) -> None:
         self.rtn_fallback[layer] = self.rtn_fallback.get(layer, 0) + weights
@@ -165,10 +167,11 @@ class GPTQPass(LayerPass):
         self._last = (x, x._version, leader)
         if leader != t.name:
             return
-        x = x.reshape(-1, x.shape[-1])
-        if self.valid is not None and self.valid.numel() == x.shape[0]:
-            x = x[self.valid.to(x.device)]
-        self._hess[leader].add(x)
+        with timed(self.timings, "resident: Hessians"):
+            x = x.reshape(-1, x.shape[-1])
+            if self.valid is not None and self.valid.numel() == x.shape[0]:
+                x = x[self.valid.to(x.device)]
+            self._hess[leader].add(x)
 
     def prepared(self, layer: int, module: nn.Module) -> None:
         for hook in self._hooks:
@@ -177,9 +180,10 @@ class GPTQPass(LayerPass):
         self._last = None
         resident = [t for t in self._order(layer) if t.kind != "expert"]
         packed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for leader in dict.fromkeys(self._group.get(t.name, t.name) for t in resident):
-            members = [t for t in resident if self._group.get(t.name, t.name) == leader]
-            packed.update(self._quantize_group(layer, module, members, self._hess.get(leader)))
+        with timed(self.timings, "resident: GPTQ, decode and pack"):
+            for leader in dict.fromkeys(self._group.get(t.name, t.name) for t in resident):
+                members = [t for t in resident if self._group.get(t.name, t.name) == leader]
+                packed.update(self._quantize_group(layer, module, members, self._hess.get(leader)))
         self._hess.clear()
         if resident:
             self._emit([(t.module, *packed[t.name]) for t in resident])
@@ -249,7 +253,7 @@ class GPTQPass(LayerPass):
         if not slots:
             return
         result = quantize_chunk(weights, slots, captured, ids, self._experts.act_fn, group_size=self.group_size,
-                                damp=self.damp, minimum=self.min_tokens)
+                                damp=self.damp, minimum=self.min_tokens, timings=self.timings)
         self._count(layer, result.few_tokens)
         self._failed = self._failed + result.failed
         host = {s: (to_host(q), to_host(sc)) for s, (q, sc) in result.packed.items()}
@@ -259,7 +263,8 @@ class GPTQPass(LayerPass):
     def end_layer(self, layer: int) -> None:
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            writer.close()
+            with timed(self.timings, "writer: waiting for it"):
+                writer.close()
         failed = int(self._failed)  # one read per layer of the device's count
         self._failed = 0
         self.cholesky_fallback[layer] = failed

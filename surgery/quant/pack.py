@@ -63,10 +63,10 @@ def pack_batch(levels: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor
     `[n, in / 8, out]`, scales fp16 `[n, groups, out]`), on their device: `pack` of each weight (its
     qzeros are the constant `qzeros`)."""
     n, in_f, out_f = levels.shape
-    x = levels.view(n, in_f // PACK, PACK, out_f).to(torch.int32)
-    words = x[:, :, 0].clone()
+    x = levels.view(n, in_f // PACK, PACK, out_f)
+    words = x[:, :, 0].to(torch.int32)
     for j in range(1, PACK):  # nibble j of row r is input 8r + j; bits 28..31 wrap into the sign as int32
-        words.bitwise_or_(x[:, :, j].bitwise_left_shift(BITS * j))
+        words.bitwise_or_(x[:, :, j].to(torch.int32).bitwise_left_shift_(BITS * j))
     return words, scales.transpose(1, 2).to(torch.float16).contiguous()
 
 
