@@ -99,8 +99,8 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, group_size: int 
         u, failed[a:b] = inverse_cholesky_batch(hessian[a:b], w[a:b], damp)
         _columns(w[a:b], u, group_size, levels[a:b], scales[a:b])
 
-    block = min(group_size, in_f)
-    for_parts(n, max(1, CPU_BLOCK_BYTES // (4 * block * out_f)), part, w.device)
+    cpu = w.device.type == "cpu"  # on a CPU, sub-batches whose column block fits the cache; else all at once
+    for_parts(n, max(1, CPU_BLOCK_BYTES // (4 * min(group_size, in_f) * out_f)) if cpu else n, part, w.device)
     # on a CPU a host check is free and saves the RTN pass; elsewhere RTN is always computed and selected
     # on the device, so nothing waits for the factorisation's result
     if w.device.type != "cpu" or bool(failed.any()):
@@ -111,12 +111,13 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, group_size: int 
 
 
 def for_parts(n: int, per: int, run: Callable[[int, int], None], device: torch.device) -> None:
-    """`run(a, b)` over [0, n): at once on an accelerator (one batch, a fixed number of kernels); on a
-    CPU in parts of `per` on as many threads as torch may use, one intra-op thread each."""
+    """`run(a, b)` over [0, n) in parts of at most `per`: one after the other on an accelerator; on a CPU
+    in parts of about equal size on as many threads as torch may use, one intra-op thread each."""
     if n == 0:
         return
     if device.type != "cpu":
-        run(0, n)
+        for a in range(0, n, max(per, 1)):
+            run(a, min(a + per, n))
         return
     with _one_intra_op_thread() as threads:
         # at most `per` a part, and a multiple of the threads' count of parts of about equal size

@@ -33,7 +33,11 @@ from surgery.quant.gptq_batch import for_parts, quantize_batch, rtn_batch
 from surgery.quant.pack import decode_batch, pack_batch
 from surgery.quant.rtn import num_groups
 
-TOKEN_PART_BYTES = 24 << 20  # float32 bytes of routed rows and their products per CPU part of the Hessians
+# float32 bytes of routed rows and their products per part of the Hessians: on a CPU, small enough that the
+# parts' transients are reused from the heap (larger ones are mapped and faulted in anew every time); on an
+# accelerator, a bound on the transient memory (parts run one after the other; an expert is never split)
+TOKEN_PART_BYTES = 24 << 20
+DEVICE_PART_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -92,17 +96,29 @@ class RoutedTokens:
         self._start = np.concatenate([[0], np.cumsum(counts[self.chosen])]).tolist()
 
     def rows(self, a: int, b: int) -> torch.Tensor:
-        """`[rows, H]`: the tokens of chosen experts a..b-1 (positions in `chosen`), in order."""
+        """`[rows, H]`: the tokens of chosen experts a..b-1 (positions in `chosen`), in order: one host ->
+        device index copy, then a gather per captured batch."""
         lo, hi = self._start[a], self._start[b]
         x0 = self._x[0]
         out = torch.empty((hi - lo, self.width), dtype=x0.dtype, device=x0.device)
-        batch, local = self._batch[lo:hi], self._local[lo:hi]
+        batch = self._batch[lo:hi]
+        by_batch = np.argsort(batch, kind="stable")  # destinations, grouped by source batch
+        ends = np.searchsorted(batch[by_batch], np.arange(len(self._x) + 1)).tolist()
+        index = to_device(np.stack([by_batch, self._local[lo:hi][by_batch]]), out.device)
         for i, (x, seg) in enumerate(zip(self._x, self._segs, strict=True)):
-            mine = np.flatnonzero(batch == i)
-            if mine.size:
-                tokens = seg[torch.from_numpy(local[mine]).to(seg.device)]
-                out.index_copy_(0, torch.from_numpy(mine).to(out.device), x.index_select(0, tokens))
+            if ends[i] < ends[i + 1]:
+                dest, local = index[:, ends[i]:ends[i + 1]]
+                out.index_copy_(0, dest, x.index_select(0, seg.index_select(0, local)))
         return out
+
+
+def to_device(a, device: torch.device) -> torch.Tensor:
+    """A host array (numpy or list) on `device`; from pinned memory, asynchronously, to a CUDA device (a copy
+    from pageable memory would wait for the device's queue)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def expert_hessians(tokens: RoutedTokens, gate_up: torch.Tensor | None, act,
@@ -124,10 +140,10 @@ def expert_hessians(tokens: RoutedTokens, gate_up: torch.Tensor | None, act,
             gate, up = grouped_linear(rows, gate_up[a:b], counts[a:b]).chunk(2, dim=-1)
             _accumulate(h_mid[a:b], (act(gate) * up).to(torch.float32), counts[a:b])
 
-    width = 4 * (d + 3 * (0 if gate_up is None else gate_up.shape[1] // 2))
-    per = max(1, TOKEN_PART_BYTES // max(1, width * sum(counts) // g))
-    for_parts(g, per, part, device)
-    scale = torch.tensor([2.0 / max(c, 1) for c in counts], dtype=torch.float32).to(device)
+    width = 4 * (d + 3 * (0 if gate_up is None else gate_up.shape[1] // 2))  # float32 bytes per row
+    limit = TOKEN_PART_BYTES if device.type == "cpu" else DEVICE_PART_BYTES
+    for_parts(g, max(1, limit // max(1, width * sum(counts) // g)), part, device)
+    scale = to_device(np.array([2.0 / max(c, 1) for c in counts], dtype=np.float32), device)
     h_in.mul_(scale[:, None, None])
     if h_mid is not None:
         h_mid.mul_(scale[:, None, None])
@@ -164,7 +180,7 @@ def quantize_chunk(weights: dict[str, torch.Tensor], slots: list[Slot], captured
         hessians = {}
         if chosen:
             gate_up = weights.get("gate_up_proj")
-            sel = torch.tensor(chosen, device=tokens.device)
+            sel = to_device(np.array(chosen), tokens.device)
             hessians["in"], hessians["down"] = expert_hessians(tokens, None if gate_up is None else gate_up[sel],
                                                                act)
         del tokens
@@ -199,11 +215,11 @@ def _quantize_rows(param: torch.Tensor, mine: list[Slot], chosen: list[int], few
     scales = torch.empty((n, out_f, num_groups(in_f, group_size)), dtype=torch.float16, device=rows.device)
     failed = 0
     if chosen:
-        sel = torch.tensor(chosen, device=rows.device)
+        sel = to_device(np.array(chosen), rows.device)
         q = quantize_batch(rows[sel], hessian, group_size, damp)
         levels[sel], scales[sel] = q.levels, q.scales
         failed = q.failed.sum()
     if few:
-        idx = torch.tensor(few, device=rows.device)
+        idx = to_device(np.array(few), rows.device)
         levels[idx], scales[idx] = rtn_batch(rows[idx], group_size)
     return levels, scales, failed
