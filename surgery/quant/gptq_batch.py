@@ -86,25 +86,29 @@ def rtn_batch(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torc
 
 
 def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128,
-                   damp: float = DAMP) -> Quantized:
-    """GPTQ of weights `[n, out, in]` (any float dtype; quantized from float32 copies) given their
-    Hessians `[n, in, in]` (float32, overwritten). Weights whose Hessian fails to factorise take RTN."""
-    n, out_f, in_f = weight.shape
-    w = weight.to(torch.float32, copy=True)
-    levels = torch.empty((n, in_f, out_f), dtype=torch.uint8, device=w.device)
-    scales = torch.empty((n, out_f, num_groups(in_f, group_size)), dtype=torch.float16, device=w.device)
-    failed = torch.empty(n, dtype=torch.bool, device=w.device)
+                   damp: float = DAMP, index: torch.Tensor | None = None) -> Quantized:
+    """GPTQ of weights `[n, out, in]` (or of `weight[index]`; any float dtype, quantized from float32 copies
+    made part by part, never of the whole batch at once) given their Hessians `[n, in, in]` (float32,
+    overwritten). Weights whose Hessian fails to factorise take RTN."""
+    n = weight.shape[0] if index is None else index.shape[0]
+    _, out_f, in_f = weight.shape
+    device = weight.device
+    levels = torch.empty((n, in_f, out_f), dtype=torch.uint8, device=device)
+    scales = torch.empty((n, out_f, num_groups(in_f, group_size)), dtype=torch.float16, device=device)
+    failed = torch.empty(n, dtype=torch.bool, device=device)
 
     def part(a: int, b: int) -> None:
-        u, failed[a:b] = inverse_cholesky_batch(hessian[a:b], w[a:b], damp)
-        _columns(w[a:b], u, group_size, levels[a:b], scales[a:b])
+        # advanced indexing copies already; a slice is a view of the caller's weights, copied here
+        w = weight[a:b].to(torch.float32, copy=True) if index is None else weight[index[a:b]].to(torch.float32)
+        u, failed[a:b] = inverse_cholesky_batch(hessian[a:b], w, damp)
+        _columns(w, u, group_size, levels[a:b], scales[a:b])
 
-    cpu = w.device.type == "cpu"  # on a CPU, sub-batches whose column block fits the cache; else all at once
-    for_parts(n, max(1, CPU_BLOCK_BYTES // (4 * min(group_size, in_f) * out_f)) if cpu else n, part, w.device)
+    cpu = device.type == "cpu"  # on a CPU, sub-batches whose column block fits the cache; else all at once
+    for_parts(n, max(1, CPU_BLOCK_BYTES // (4 * min(group_size, in_f) * out_f)) if cpu else n, part, device)
     # on a CPU a host check is free and saves the RTN pass; elsewhere RTN is always computed and selected
     # on the device, so nothing waits for the factorisation's result
-    if w.device.type != "cpu" or bool(failed.any()):
-        rq, rs = rtn_batch(weight, group_size)
+    if not cpu or bool(failed.any()):
+        rq, rs = rtn_batch(weight if index is None else weight[index], group_size)
         levels = torch.where(failed[:, None, None], rq, levels)
         scales = torch.where(failed[:, None, None], rs, scales)
     return Quantized(levels, scales, failed)

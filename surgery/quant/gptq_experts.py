@@ -124,8 +124,10 @@ def to_device(a, device: torch.device) -> torch.Tensor:
 def expert_hessians(tokens: RoutedTokens, gate_up: torch.Tensor | None, act,
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(H_in `[g, H, H]`, H_mid `[g, I, I]` or None) of the chosen experts: 2/n Σ x xᵀ of each one's
-    tokens (float32 sums, as `gptq.Hessian`) and of act(gate)·up under its `gate_up` `[g, 2I, H]`."""
+    tokens (float32 sums, as `gptq.Hessian`) and of act(gate)·up under `gate_up` `[n, 2I, H]` (the
+    chunk's, indexed by `tokens.chosen` part by part)."""
     counts = [tokens.counts[k] for k in tokens.chosen]
+    index = to_device(np.array(tokens.chosen), tokens.device)
     g, d, device = len(counts), tokens.width, tokens.device
     h_in = torch.zeros((g, d, d), dtype=torch.float32, device=device)
     h_mid = None
@@ -137,7 +139,7 @@ def expert_hessians(tokens: RoutedTokens, gate_up: torch.Tensor | None, act,
         rows = tokens.rows(a, b)
         _accumulate(h_in[a:b], rows.to(torch.float32), counts[a:b])
         if h_mid is not None:
-            gate, up = grouped_linear(rows, gate_up[a:b], counts[a:b]).chunk(2, dim=-1)
+            gate, up = grouped_linear(rows, gate_up[index[a:b]], counts[a:b]).chunk(2, dim=-1)
             _accumulate(h_mid[a:b], (act(gate) * up).to(torch.float32), counts[a:b])
 
     width = 4 * (d + 3 * (0 if gate_up is None else gate_up.shape[1] // 2))  # float32 bytes per row
@@ -179,20 +181,18 @@ def quantize_chunk(weights: dict[str, torch.Tensor], slots: list[Slot], captured
         few = [k for k in range(len(ids)) if k not in set(chosen)]
         hessians = {}
         if chosen:
-            gate_up = weights.get("gate_up_proj")
-            sel = to_device(np.array(chosen), tokens.device)
-            hessians["in"], hessians["down"] = expert_hessians(tokens, None if gate_up is None else gate_up[sel],
-                                                               act)
+            hessians["in"], hessians["down"] = expert_hessians(tokens, weights.get("gate_up_proj"), act)
         del tokens
     result = ChunkResult(few_tokens=len(few) * len(slots))
     for param in dict.fromkeys(s.param for s in slots):
         mine = [s for s in slots if s.param == param]
         roles = {"down" if s.role == "down" else "in" for s in mine}
-        if len(roles) > 1 or (chosen and hessians.get(next(iter(roles))) is None):
+        hessian = hessians.pop(roles.pop(), None) if len(roles) == 1 else None  # each is used once: overwritten
+        if chosen and hessian is None:
             raise SurgeryError(f"internal error: no one Hessian for the routed experts' {param}")
         with timed(timings, "experts: GPTQ and RTN"):
-            levels, scales, failed = _quantize_rows(weights[param], mine, chosen, few,
-                                                    hessians.get(next(iter(roles))), group_size, damp)
+            levels, scales, failed = _quantize_rows(weights[param], mine, chosen, few, hessian, group_size, damp)
+        del hessian
         result.failed = result.failed + failed * len(mine)
         with timed(timings, "experts: decode and pack"):
             at = 0
@@ -208,15 +208,16 @@ def _quantize_rows(param: torch.Tensor, mine: list[Slot], chosen: list[int], few
                    hessian: torch.Tensor | None, group_size: int, damp: float):
     """(levels `[n, in, rows]`, scales `[n, rows, groups]`, failed count) of the slots' rows of a fused
     parameter `[n, out, in]`: GPTQ for the chosen experts, RTN for the few-token ones."""
-    rows = torch.cat([param[:, s.row:s.row + s.out] for s in mine], dim=1) if len(mine) > 1 \
-        else param[:, mine[0].row:mine[0].row + mine[0].out]
+    adjacent = all(a.row + a.out == b.row for a, b in zip(mine, mine[1:], strict=False))  # gate, up: one view
+    rows = param[:, mine[0].row:mine[-1].row + mine[-1].out] if adjacent else \
+        torch.cat([param[:, s.row:s.row + s.out] for s in mine], dim=1)
     n, out_f, in_f = rows.shape
     levels = torch.empty((n, in_f, out_f), dtype=torch.uint8, device=rows.device)
     scales = torch.empty((n, out_f, num_groups(in_f, group_size)), dtype=torch.float16, device=rows.device)
     failed = 0
     if chosen:
         sel = to_device(np.array(chosen), rows.device)
-        q = quantize_batch(rows[sel], hessian, group_size, damp)
+        q = quantize_batch(rows, hessian, group_size, damp, index=sel)
         levels[sel], scales[sel] = q.levels, q.scales
         failed = q.failed.sum()
     if few:
