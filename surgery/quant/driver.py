@@ -34,21 +34,25 @@ __all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq", "
 
 
 class _State(Journal):
-    """WORK/<state>.json: inputs, durable boundary, RTN fallbacks per finished layer."""
+    """WORK/<state>.json: inputs, durable boundary, RTN fallbacks per finished layer (and, of those, the
+    weights whose Hessian did not factorise). Only what a resumed run reproduces byte for byte: the walk's
+    timings go to WORK/summary.json."""
 
     def __init__(self, work: Path, identity: dict, gp: LayerPass, previous: dict | None, name: str = STATE,
                  command: str = "quantize --method gptq") -> None:
         self.path, self.identity, self.gp, self.command = work / name, identity, gp, command
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
+        self.cholesky = dict((previous or {}).get("cholesky_fallback", {}))
 
     def commit(self, boundary: int | None) -> None:
         if boundary is not None:
             for layer in range(boundary):
                 if layer in self.gp.rtn_fallback:
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
+                    self.cholesky[str(layer)] = getattr(self.gp, "cholesky_fallback", {}).get(layer, 0)
         write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": self.command,
                                       "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback})
+                                      "rtn_fallback": self.fallback, "cholesky_fallback": self.cholesky})
         committed = getattr(self.gp, "committed", None)
         if committed is not None:
             committed(boundary)
@@ -59,7 +63,10 @@ def calibrate_gptq(model: MoEModel, targets: QuantTargets, work: Path, identity:
                    dtype: torch.dtype, progress: bool = True, min_tokens: int | None = None,
                    memory_budget: int | None = None) -> int:
     """Run GPTQ layer by layer into WORK (resumable); returns the number of weights that fell back to RTN."""
-    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device)
+    from surgery.executor.stream import batch_ranges, real_length
+
+    positions = sum((e - s) * real_length(mask[s:e]) for s, e in batch_ranges(mask, batch_size))
+    gp = GPTQPass(model, targets, work, group_size, min_tokens=min_tokens, device=device, positions=positions)
     return walk_quantizer(model, gp, work, identity, ids, mask, batch_size=batch_size, device=device, dtype=dtype,
                           progress=progress, memory_budget=memory_budget)
 
@@ -92,8 +99,12 @@ def walk_quantizer(model: MoEModel, qpass: LayerPass, work: Path, identity: dict
     t0 = time.perf_counter()
     engine.walk([qpass], ids, mask, batches, start, journal)  # its last checkpoint commits every layer
     # Where the time went, beside the journal rather than in it: the journal holds only what a resumed run
-    # must reproduce byte for byte, and timings never repeat.
-    write_json_atomic(work / SUMMARY, engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes()))
+    # must reproduce byte for byte, and timings never repeat. The pass's own stages (host-side seconds)
+    # follow the engine's split.
+    summary = engine.summary(time.perf_counter() - t0, start or 0, cache.disk_bytes())
+    if getattr(qpass, "timings", None):
+        summary["pass_stages"] = {k: round(v, 3) for k, v in qpass.timings.items()}
+    write_json_atomic(work / SUMMARY, summary)
     return sum(journal.fallback.values())
 
 

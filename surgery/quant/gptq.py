@@ -15,6 +15,10 @@ Per linear with weight W [out, in] and the inputs x it saw on the calibration to
   (GPTQModel/AutoGPTQ with static_groups=False).
 
 With H = I (no correlation between inputs) this is exactly RTN of W.
+
+This per-weight form is the specification (and runs in float64 for the tests); the quantize command runs
+the same arithmetic over batches of weights on the compute device (`surgery.quant.gptq_batch`), which
+tests/test_quant_gptq_batch.py holds to it bit for bit.
 """
 
 from __future__ import annotations

@@ -56,3 +56,35 @@ def pack(q: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
     out_f, _ = q.shape
     return {"qweight": pack_qweight(q), "qzeros": qzeros(scales.shape[1], out_f),
             "scales": scales.t().contiguous().to(torch.float16)}
+
+
+def pack_batch(levels: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levels uint8 `[n, in, out]` and scales `[n, out, groups]` of a batch of weights -> (qweight int32
+    `[n, in / 8, out]`, scales fp16 `[n, groups, out]`), on their device: `pack` of each weight (its
+    qzeros are the constant `qzeros`)."""
+    n, in_f, out_f = levels.shape
+    x = levels.view(n, in_f // PACK, PACK, out_f)
+    words = x[:, :, 0].to(torch.int32)
+    for j in range(1, PACK):  # nibble j of row r is input 8r + j; bits 28..31 wrap into the sign as int32
+        words.bitwise_or_(x[:, :, j].to(torch.int32).bitwise_left_shift_(BITS * j))
+    return words, scales.transpose(1, 2).to(torch.float16).contiguous()
+
+
+def decode_batch(levels: torch.Tensor, scales: torch.Tensor, group_size: int, out: torch.Tensor) -> None:
+    """out `[n, out, in]` = scale[group] · (level - 8) from levels `[n, in, out]` and scales `[n, out,
+    groups]`, in out's dtype: what a W4A16 reader decodes the packed weights to (the same float32
+    subtract and multiply as `dequantize_w4a16`, rounded once to out's dtype), on levels' device; a
+    float32 `out` is decoded in place."""
+    n, in_f, out_f = levels.shape
+    block = group_size if in_f > group_size else in_f
+    work = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    work.copy_(levels.transpose(1, 2))
+    work.sub_(MAXQ)
+    s = scales.to(torch.float32)
+    full = in_f // block
+    if full:
+        work[:, :, :full * block].view(n, out_f, full, block).mul_(s[:, :, :full, None])
+    if full * block < in_f:
+        work[:, :, full * block:].mul_(s[:, :, full:full + 1])
+    if work is not out:
+        out.copy_(work)
