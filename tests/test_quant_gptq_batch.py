@@ -19,6 +19,7 @@ from surgery.checkpoint.w4a16 import dequantize_w4a16
 from surgery.checkpoint.writer import TensorEntry
 from surgery.errors import SurgeryError
 from surgery.executor.experts import BatchRouting
+from surgery.executor.routing import SortedPairs
 from surgery.quant.gptq import Hessian, gptq_quantize, inverse_cholesky
 from surgery.quant.gptq_batch import inverse_cholesky_batch, quantize_batch, rtn_batch
 from surgery.quant.gptq_experts import RoutedTokens, expert_hessians
@@ -125,13 +126,7 @@ def test_pack_and_decode_batch_equal_the_per_weight_format():
 def routing(x: torch.Tensor, top_k_index: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor,
             experts: int) -> BatchRouting:
     """A BatchRouting as the engine's `RoutedExperts` builds it (pairs sorted by expert)."""
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    bounds = [0]
-    for c in torch.bincount(flat, minlength=experts).tolist():
-        bounds.append(bounds[-1] + c)
-    return BatchRouting(x, valid, torch.div(order, top_k_index.shape[1], rounding_mode="floor"),
-                        weights.reshape(-1)[order], bounds, torch.zeros_like(x))
+    return BatchRouting(x, valid, SortedPairs(top_k_index, weights, experts), torch.zeros_like(x))
 
 
 @pytest.fixture(scope="module")
