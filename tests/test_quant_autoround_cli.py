@@ -7,10 +7,9 @@ fail in one line."""
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
-from tests.test_quant_gptq_cli import cli, same_tree
+from tests.test_quant_gptq_cli import cli, killed_twice_then_finished, same_tree
 
 # group 64: the fixture's hidden size (192) is not a multiple of 128, and a partial group stays 16-bit
 TUNE = ("--samples", "6", "--max-length", "48", "--batch-size", "2", "--iters", "4", "--group-size", "64",
@@ -30,15 +29,13 @@ def test_killed_autoround_resumes_to_identical_bytes(shared_fixtures, tmp_path):
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     assert json.loads((tmp_path / "ref-work" / "autoround.json").read_text())["completed_layers"] == layers
 
-    out, work = tmp_path / "out", tmp_path / "work"
-    killed = quantize(src, out, work, die_at="autoround.layer0.manifest")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert json.loads((work / "autoround.json").read_text())["completed_layers"] == 1
-    assert (work / "fp_hidden_0001.safetensors").is_file()  # the float chain at the resume boundary
-    killed = quantize(src, out, work, die_at="autoround.layer2.stats")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert (work / "layer_0002.safetensors").exists() and not (out / "config.json").exists()
-    done = quantize(src, out, work)
+    out = tmp_path / "out"
+
+    def float_chain_kept(work: Path) -> None:  # the float chain at the resume boundary
+        assert (work / "fp_hidden_0001.safetensors").is_file()
+
+    done = killed_twice_then_finished(lambda o, w, die_at=None: quantize(src, o, w, die_at=die_at), out,
+                                      tmp_path / "work", "autoround", float_chain_kept)
     assert done.returncode == 0, done.stderr
     same_tree(tmp_path / "ref", out)
 

@@ -44,6 +44,23 @@ def same_tree(a: Path, b: Path) -> None:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def killed_twice_then_finished(run, out: Path, work: Path, prefix: str, at_boundary_1=None):
+    """`run(out, work, die_at=...)` killed with SIGKILL once boundary 1 is committed (hidden states and layer
+    0's packed tensors durable), then again, resumed from boundary 1, once layer 2's packed tensors are
+    written but before its boundary; `at_boundary_1(work)` checks WORK after the first kill. Returns the
+    final, uninterrupted run."""
+    killed = run(out, work, die_at=f"{prefix}.layer0.manifest")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (out / "config.json").exists()
+    assert json.loads((work / f"{prefix}.json").read_text())["completed_layers"] == 1
+    if at_boundary_1 is not None:
+        at_boundary_1(work)
+    killed = run(out, work, die_at=f"{prefix}.layer2.stats")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (work / "layer_0002.safetensors").exists() and not (out / "config.json").exists()
+    return run(out, work)
+
+
 def test_killed_gptq_resumes_to_identical_bytes(shared_fixtures, tmp_path):
     src = shared_fixtures / "tinymoe-m2"
     ref = quantize(src, tmp_path / "ref", tmp_path / "ref-work")
@@ -52,17 +69,9 @@ def test_killed_gptq_resumes_to_identical_bytes(shared_fixtures, tmp_path):
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     assert state["completed_layers"] == layers
 
-    out, work = tmp_path / "out", tmp_path / "work"
-    # boundary 1 committed (hidden states and layer 0's packed tensors durable), then killed
-    killed = quantize(src, out, work, die_at="gptq.layer0.manifest")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert not (out / "config.json").exists()
-    assert json.loads((work / "gptq.json").read_text())["completed_layers"] == 1
-    # resumed from boundary 1; killed after layer 2's packed tensors were written, before its boundary
-    killed = quantize(src, out, work, die_at="gptq.layer2.stats")
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert (work / "layer_0002.safetensors").exists() and not (out / "config.json").exists()
-    done = quantize(src, out, work)
+    out = tmp_path / "out"
+    done = killed_twice_then_finished(lambda o, w, die_at=None: quantize(src, o, w, die_at=die_at), out,
+                                      tmp_path / "work", "gptq")
     assert done.returncode == 0, done.stderr
     same_tree(tmp_path / "ref", out)
     check = cli("verify", str(out))

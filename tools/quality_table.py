@@ -171,6 +171,22 @@ def main() -> None:
               + "  ".join(f"{d} {results[name][d]:.3f}" for d in DOMAINS), flush=True)
         return results[name]
 
+    def pruned_row(name: str, plan: dict) -> None:
+        """Row `name`: `plan` rewritten and evaluated, or its losses from an earlier run of the same plan."""
+        nonlocal reused
+        phash = plan_hash(plan)
+        if done.get(name, {}).get("plan") == phash:
+            results[name] = done[name]["losses"]
+            reused += 1
+            return
+        out_dir = work / "pruned" / name
+        shutil.rmtree(out_dir, ignore_errors=True)
+        rewrite_checkpoint(args.model, plan, out_dir, progress=False)
+        evaluate(name, out_dir)
+        shutil.rmtree(out_dir)
+        done[name] = {"plan": phash, "losses": results[name]}
+        write_json_atomic(done_path, done)
+
     evaluate("base", args.model)
     ckpt = Checkpoint(args.model)
     model = MoEModel(ckpt)
@@ -187,19 +203,7 @@ def main() -> None:
                 name = f"{method}-{ratio:g}" + ("" if method == "random" else f"-{calib}")
                 if name in results:
                     continue  # random ignores the calibration: one model serves both rows
-                plan = make_plan(saliency, model, method, ratio, seed=0)
-                phash = plan_hash(plan)
-                if done.get(name, {}).get("plan") == phash:
-                    results[name] = done[name]["losses"]
-                    reused += 1
-                    continue
-                out_dir = work / "pruned" / name
-                shutil.rmtree(out_dir, ignore_errors=True)
-                rewrite_checkpoint(args.model, plan, out_dir, progress=False)
-                evaluate(name, out_dir)
-                shutil.rmtree(out_dir)
-                done[name] = {"plan": phash, "losses": results[name]}
-                write_json_atomic(done_path, done)
+                pruned_row(name, make_plan(saliency, model, method, ratio, seed=0))
         for ratio in RATIOS:
             reap_plan = make_plan(saliency, model, "reap", ratio)
             for variant in VARIANTS:
@@ -212,18 +216,7 @@ def main() -> None:
                 if variant == "reap-protect" and details[name]["same_as_reap"]:
                     results[name] = results[f"reap-{ratio:g}-{calib}"]  # the same checkpoint: same losses
                     continue
-                phash = plan_hash(plan)
-                if done.get(name, {}).get("plan") == phash:
-                    results[name] = done[name]["losses"]
-                    reused += 1
-                    continue
-                out_dir = work / "pruned" / name
-                shutil.rmtree(out_dir, ignore_errors=True)
-                rewrite_checkpoint(args.model, plan, out_dir, progress=False)
-                evaluate(name, out_dir)
-                shutil.rmtree(out_dir)
-                done[name] = {"plan": phash, "losses": results[name]}
-                write_json_atomic(done_path, done)
+                pruned_row(name, plan)
         calib_hash = hashlib.sha256(calib_ids.tobytes()).hexdigest()[:16]
         for ratio in RATIOS:
             reap = _name("reap", ratio, calib)

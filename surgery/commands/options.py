@@ -1,4 +1,11 @@
-"""CLI options shared by `calibrate`, `prune` and `eval`, declared once."""
+"""CLI options shared by `calibrate`, `prune`, `eval`, `fidelity` and `quantize`, declared once.
+
+Each command still names them in its own signature (`samples: int = o.SAMPLES`): typer reads a command's
+options from that signature only and has no supported way to add a group of them to several commands
+(fastapi/typer#153: "repeat them or write a decorator"; a decorator rewriting `__signature__` breaks the
+parsing of positional arguments, fastapi/typer#1898). What is shared is every option's flags, default and
+help, here; the lines that name them stay, one per option, in the order `--help` shows.
+"""
 
 from __future__ import annotations
 

@@ -4,10 +4,11 @@ A walk embeds the tokens (or resumes from a durable boundary), then for each lay
 resident part (the next layer's is read in the background meanwhile), runs every batch through it,
 pages its routed experts through in chunks the memory budget allows (`surgery.executor.experts`),
 and hands the layer's hidden states to the next one through a tier (`surgery.executor.tiers`). What
-differs between commands is a *pass* plugged in per layer: it may listen to the routed experts
-(saliency, fidelity) and finish the layer (write statistics). Durable progress goes through the
-command's `Journal` (its manifest), committed only after a boundary's hidden states and every pass's
-output for the layer are on disk, so a killed walk resumes bit for bit.
+differs between commands is a *pass* plugged in per layer (`surgery.executor.passes.LayerPass`, imported
+here too): it may listen to the routed experts (saliency, fidelity) and finish the layer (write
+statistics). Durable progress goes through the command's `Journal` (its manifest), committed only after
+a boundary's hidden states and every pass's output for the layer are on disk, so a killed walk resumes
+bit for bit.
 
 SIGINT/SIGTERM finish the current batch, checkpoint the in-memory tier and stop (exit 130). When and
 how boundaries are checkpointed is `surgery.executor.checkpoints`; how a layer is sized under the
@@ -38,8 +39,9 @@ from surgery.executor.cache import HiddenCache
 from surgery.executor.checkpoints import Checkpoints
 from surgery.executor.distributed import Ranks
 from surgery.executor.expert_store import Buffers, ExpertStore, Staging
-from surgery.executor.experts import ExpertListener, RoutedExperts
+from surgery.executor.experts import RoutedExperts
 from surgery.executor.mtp import walk_mtp
+from surgery.executor.passes import Journal, LayerPass
 from surgery.executor.progress import layer_progress
 from surgery.executor.stream import Batch, LayerStream, real_length
 from surgery.executor.tiers import MemoryTier, ZarrTier
@@ -48,72 +50,6 @@ from surgery.faults import checkpoint as crash_point
 
 Reader = Callable[[Batch, int], torch.Tensor]
 TIMED = ("read", "transfer", "dequant", "compute")  # the routed experts' time split, per layer
-
-
-class LayerPass:
-    """A command's work at each layer; the base does nothing.
-
-    Hooks, in the order the engine calls them for one layer: `prepare` (an object whose `valid` the
-    engine sets per batch, or None) and, if it asked, one run of the batches with the outputs discarded
-    and the routed experts skipped, then `prepared` (GPTQ: quantize the resident linears from the input
-    statistics that run gathered); `listeners`; `chunk` for every group of routed experts as it is built,
-    before it is computed (GPTQ: quantize them in place); `end_layer`."""
-
-    # the routed experts must be computed over captured tokens, all of the layer's in one group (a pass
-    # that needs every token's statistics before it changes an expert's weights)
-    needs_capture: bool = False
-    # every expert of a chunk is built at once and handed to `chunk` together (a pass that works on a
-    # batch of experts, e.g. GPTQ across experts); otherwise `plan_memory.BUILD` at a time on the CPU
-    # (on CUDA a chunk is always built at once)
-    batch_experts: bool = False
-
-    def prepare(self, layer: int, module: nn.Module) -> object | None:
-        return None
-
-    def prepared(self, layer: int, module: nn.Module) -> None:
-        """After the discarded run that `prepare` asked for."""
-
-    def listeners(self, layer: int, block: nn.Module, runner: RoutedExperts) -> list[ExpertListener]:
-        return []
-
-    def chunk(self, layer: int, store, ids: list[int], weights: dict[str, torch.Tensor], captured: list) -> None:
-        """Experts `ids` are built in `weights` (`[n, ...]`, expert ids[0] first) and about to run over
-        the `captured` batches (`BatchRouting`); a pass may change the weights in place."""
-
-    def extra_bytes(self, layer: int) -> int:
-        """Memory the pass holds while one group of routed experts is built (planned into the budget)."""
-        return 0
-
-    def expert_bytes(self, layer: int) -> int:
-        """Memory the pass holds per expert built at once (e.g. GPTQ's Hessians), planned into the
-        budget for every expert of a build, so it bounds how many experts are batched."""
-        return 0
-
-    def end_layer(self, layer: int) -> None:
-        """After all of the layer's batches, before its boundary is committed (write what it recorded)."""
-
-    # ------------------------------------------------------------ whole-layer tuning (AutoRound)
-    # the pass changes a layer's weights from all of its inputs at once: every routed expert is built
-    # (never paged), then `tune` runs before the run that writes the layer's outputs
-    tunes_layer: bool = False
-
-    def tune(self, layer: int, module: nn.Module, runner: RoutedExperts | None,
-             inputs: dict[Batch, torch.Tensor], forward: Callable[[torch.Tensor, np.ndarray], torch.Tensor]) -> None:
-        """`inputs`: the layer's input hidden states per batch; `runner.weights`: every routed expert as
-        `[E, ...]` parameters (None for a dense layer); `forward(x, mask)` runs the layer on rows `x`
-        `[n, t, H]` with their `mask` `[n, t]`, with autograd. The pass may change the module's and
-        `runner.weights`' values in place; the layer's outputs are then computed from them."""
-
-    def tune_bytes(self, layer: int, tokens: int) -> int:
-        """Memory `tune` holds besides the layer's built experts and inputs (planned into the budget)."""
-        return 0
-
-
-class Journal:
-    """Where a walk records durable progress (a command's manifest); the base records nothing."""
-
-    def commit(self, boundary: int | None) -> None:
-        """`boundary` layers are done and their hidden states durable; None: embedding has started."""
 
 
 @dataclass

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.arch.model import MoEModel
 from surgery.checkpoint.reader import Checkpoint
 from surgery.quant.autoround_pass import AutoRoundPass
-from surgery.quant.driver import gptq_source, walk_quantizer
+from surgery.quant.driver import gptq_source, open_calibration, walk_quantizer
 from surgery.quant.signround import SignRoundOptions
-from surgery.quant.targets import find_targets
 
 STATE = "autoround.json"
 
@@ -37,30 +35,24 @@ def run_autoround(model_dir: Path, out: Path, work: Path, data, *, group_size: i
     """Calibration inputs (`data`, or pre-tokenised `inputs`) -> SignRound layer by layer in WORK -> OUT.
     `opts.batch_size` is both AutoRound's rows per tuning step and the engine's forward batch;
     `partial_groups`: `surgery.quant.targets.find_targets`'s."""
-    from surgery.data.inputs import DataOptions, calibration_inputs
     from surgery.executor.budget import hold_heap_to_live_memory
-    from surgery.executor.device import resolve_device, resolve_dtype
-    from surgery.quant.run import output_complete, with_partial_groups, write_quantized
+    from surgery.quant.run import finished_output, write_quantized
 
     opts = opts or SignRoundOptions()
     with Checkpoint(model_dir) as ckpt:
-        model = MoEModel(ckpt)
-        targets = find_targets(model, quantize_dense, group_size, partial_groups)
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev, model)
-        if inputs is None:
-            inputs = calibration_inputs(model_dir, data or DataOptions())
+        model, targets, dev, dt, inputs = open_calibration(ckpt, data, inputs, group_size=group_size,
+                                                           quantize_dense=quantize_dense,
+                                                           partial_groups=partial_groups, device=device, dtype=dtype)
         ids, mask = inputs.input_ids, inputs.attention_mask
         identity = {"datasets": inputs.datasets, "data": inputs.settings, "dtype": str(dt).removeprefix("torch."),
                     "group_size": group_size, "quantize_dense": quantize_dense, "reference": reference,
                     "iters": opts.iters, "lr": opts.rate, "minmax_lr": opts.minmax_rate,
                     "batch_size": opts.batch_size, "seed": opts.seed}
         extra = {"autoround": identity}
-        if output_complete(ckpt, out, "autoround", group_size, quantize_dense,
-                           with_partial_groups(extra, partial_groups)):
-            return write_quantized(model_dir, out, None, method="autoround", group_size=group_size,
-                                   quantize_dense=quantize_dense, job_extra=extra, progress=progress,
-                                   partial_groups=partial_groups)
+        done = finished_output(ckpt, out, method="autoround", group_size=group_size, quantize_dense=quantize_dense,
+                               extra=extra, partial_groups=partial_groups, progress=progress)
+        if done is not None:
+            return done
         # a tuning step makes and frees many mid-sized tensors (activations, chunks of experts): glibc's
         # heap would keep the worst fragmentation as RSS (measured on the 24-layer x 64-expert benchmark:
         # peak 1.88 GB without, 1.52 GB with freed memory handed back), so always as under a budget

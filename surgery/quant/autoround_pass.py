@@ -40,7 +40,7 @@ from surgery.errors import SurgeryError
 from surgery.executor.engine import LayerPass
 from surgery.executor.grouped import grouped_linear
 from surgery.executor.stream import real_length
-from surgery.quant.gptq_pass import layer_file, memory_path
+from surgery.quant.gptq_pass import layer_file, resident_linear
 from surgery.quant.pack import SUFFIXES, pack, packed_shapes
 from surgery.quant.rtn import num_groups
 from surgery.quant.signround import RoundedWeight, SignRoundOptions, sign_round
@@ -120,17 +120,6 @@ class AutoRoundPass(LayerPass):
         raise SurgeryError(f"layer {layer}: expert 0 has no quantized {role} weight; --method autoround needs "
                            "every projection of the experts quantized", self.model.ckpt.directory)
 
-    def _linear(self, module: nn.Module, t: Target) -> nn.Linear:
-        path = memory_path(self.model, t)
-        try:
-            lin = module.get_submodule(path)
-        except AttributeError:
-            lin = None
-        if not isinstance(lin, nn.Linear):
-            raise SurgeryError(f"layer {t.layer}: {t.name!r} is not an nn.Linear at {path!r} in the "
-                               f"{self.model.spec.family} decoder layer", self.model.ckpt.directory)
-        return lin
-
     # ---------------------------------------------------------------- memory
     def tune_bytes(self, layer: int, tokens: int) -> int:
         """SignRound's state for every quantized weight of the layer, the reference outputs and the float
@@ -153,7 +142,7 @@ class AutoRoundPass(LayerPass):
         for p in module.parameters():
             p.requires_grad_(False)
         order = self._order(layer)
-        resident = {t.name: self._linear(module, t) for t in order if t.kind != "expert"}
+        resident = {t.name: resident_linear(self.model, module, t) for t in order if t.kind != "expert"}
         floats = {name: lin._parameters.pop("weight") for name, lin in resident.items()}
         experts = runner.experts if runner is not None else None
         built = runner.weights if runner is not None else {}

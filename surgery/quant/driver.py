@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from surgery.checkpoint.reader import Checkpoint
 from surgery.executor.cache import HiddenCache
 from surgery.executor.engine import EngineOptions, Journal, LayerEngine, LayerPass
 from surgery.executor.manifest import require_same_inputs
+from surgery.executor.options import CalibrationInputs
 from surgery.jsonio import read_json, write_json_atomic
 from surgery.quant.gptq_pass import GPTQPass, layer_file
 from surgery.quant.targets import QuantTargets, find_targets
@@ -30,7 +32,8 @@ from surgery.quant.targets import QuantTargets, find_targets
 STATE = "gptq.json"
 SUMMARY = "summary.json"  # the engine's record of the last walk (per-layer times); not a result
 
-__all__ = ["STATE", "calibrate_gptq", "gptq_source", "layer_file", "run_gptq", "walk_quantizer"]
+__all__ = ["STATE", "Calibration", "calibrate_gptq", "gptq_source", "layer_file", "open_calibration", "run_gptq",
+           "walk_quantizer"]
 
 
 class _State(Journal):
@@ -133,6 +136,32 @@ def gptq_source(model: MoEModel, work: Path, group_size: int):
     return run
 
 
+class Calibration(NamedTuple):
+    """What a calibrated quantizer (GPTQ, AutoRound) starts from."""
+
+    model: MoEModel
+    targets: QuantTargets
+    device: torch.device
+    dtype: torch.dtype
+    inputs: CalibrationInputs
+
+
+def open_calibration(ckpt: Checkpoint, data, inputs: CalibrationInputs | None, *, group_size: int,
+                     quantize_dense: bool, partial_groups: str, device: str, dtype: str) -> Calibration:
+    """The model, its quantization targets, the compute device and dtype, and the calibration tokens
+    (`inputs` when given, else sampled from `data`, else from the default data)."""
+    from surgery.data.inputs import DataOptions, calibration_inputs
+    from surgery.executor.device import resolve_device, resolve_dtype
+
+    model = MoEModel(ckpt)
+    targets = find_targets(model, quantize_dense, group_size, partial_groups)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev, model)
+    if inputs is None:
+        inputs = calibration_inputs(ckpt.directory, data or DataOptions())
+    return Calibration(model, targets, dev, dt, inputs)
+
+
 def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 128, quantize_dense: bool = False,
              batch_size: int = 8, device: str = "auto", dtype: str = "auto", progress: bool = True,
              memory_budget: int | None = None, inputs=None, partial_groups: str = "keep") -> dict:
@@ -140,26 +169,21 @@ def run_gptq(model_dir: Path, out: Path, work: Path, data, *, group_size: int = 
     `inputs` (a `CalibrationInputs`: ids, mask and what identifies them) replaces `data` when given, for
     callers whose calibration tokens `DataOptions` cannot express (e.g. fixed windows of a file).
     `partial_groups`: `surgery.quant.targets.find_targets`'s."""
-    from surgery.data.inputs import DataOptions, calibration_inputs
-    from surgery.executor.device import resolve_device, resolve_dtype
     from surgery.quant.gptq import DAMP
-    from surgery.quant.run import output_complete, with_partial_groups, write_quantized
+    from surgery.quant.run import finished_output, write_quantized
 
     with Checkpoint(model_dir) as ckpt:
-        model = MoEModel(ckpt)
-        targets = find_targets(model, quantize_dense, group_size, partial_groups)
-        dev = resolve_device(device)
-        dt = resolve_dtype(dtype, dev, model)
-        if inputs is None:
-            inputs = calibration_inputs(model_dir, data or DataOptions())
+        model, targets, dev, dt, inputs = open_calibration(ckpt, data, inputs, group_size=group_size,
+                                                           quantize_dense=quantize_dense,
+                                                           partial_groups=partial_groups, device=device, dtype=dtype)
         identity = {"datasets": inputs.datasets, "data": inputs.settings, "batch_size": batch_size,
                     "dtype": str(dt).removeprefix("torch."), "damp": DAMP, "min_tokens": 2 * group_size,
                     "group_size": group_size, "quantize_dense": quantize_dense}
         extra = {"gptq": identity}
-        if output_complete(ckpt, out, "gptq", group_size, quantize_dense, with_partial_groups(extra, partial_groups)):
-            return write_quantized(model_dir, out, None, method="gptq", group_size=group_size,
-                                   quantize_dense=quantize_dense, job_extra=extra, progress=progress,
-                                   partial_groups=partial_groups)
+        done = finished_output(ckpt, out, method="gptq", group_size=group_size, quantize_dense=quantize_dense,
+                               extra=extra, partial_groups=partial_groups, progress=progress)
+        if done is not None:
+            return done
         fallback = calibrate_gptq(model, targets, work, identity, inputs.input_ids, inputs.attention_mask,
                                   group_size=group_size, batch_size=batch_size, device=dev, dtype=dt,
                                   progress=progress, memory_budget=memory_budget)

@@ -57,6 +57,20 @@ def memory_path(model: MoEModel, target: Target) -> str:
     return rel[1:]
 
 
+def resident_linear(model: MoEModel, module: nn.Module, target: Target) -> nn.Linear:
+    """The `nn.Linear` a (non-routed) target is in the built decoder layer `module`; anything else there is
+    an architecture row that does not match transformers' layer, said in one line."""
+    path = memory_path(model, target)
+    try:
+        lin = module.get_submodule(path)
+    except AttributeError:
+        lin = None
+    if not isinstance(lin, nn.Linear):
+        raise SurgeryError(f"layer {target.layer}: {target.name!r} is not an nn.Linear at {path!r} in the "
+                           f"{model.spec.family} decoder layer", model.ckpt.directory)
+    return lin
+
+
 def layer_file(work: Path, layer: int) -> Path:
     return work / f"layer_{layer:04d}.safetensors"
 
@@ -141,14 +155,7 @@ class GPTQPass(LayerPass):
         for t in self.targets.by_layer(layer):
             if t.kind == "expert":
                 continue
-            path = memory_path(self.model, t)
-            try:
-                lin = module.get_submodule(path)
-            except AttributeError:
-                lin = None
-            if not isinstance(lin, nn.Linear):
-                raise SurgeryError(f"layer {layer}: {t.name!r} is not an nn.Linear at {path!r} in the "
-                                   f"{self.model.spec.family} decoder layer", self.model.ckpt.directory)
+            lin = resident_linear(self.model, module, t)
             self._hooks.append(lin.register_forward_pre_hook(partial(self._record, t)))
         return self
 

@@ -84,6 +84,18 @@ def output_complete(ckpt: Checkpoint, out_dir: Path, method: str, group_size: in
     return is_complete(out_dir, QUANTIZE, job_hash(make_job(ckpt, method, group_size, quantize_dense, extra)))
 
 
+def finished_output(ckpt: Checkpoint, out_dir: Path, *, method: str, group_size: int, quantize_dense: bool,
+                    extra: dict | None, partial_groups: str, progress: bool) -> dict | None:
+    """A calibrated quantizer's early exit: when OUT already holds this job's finished result, the writer's
+    summary of it (`already_complete`; nothing is calibrated); None when there is work to do."""
+    if not output_complete(ckpt, out_dir, method, group_size, quantize_dense,
+                           with_partial_groups(extra, partial_groups)):
+        return None
+    return write_quantized(ckpt.directory, out_dir, None, method=method, group_size=group_size,
+                           quantize_dense=quantize_dense, job_extra=extra, progress=progress,
+                           partial_groups=partial_groups)
+
+
 def _dequantizer(ckpt: Checkpoint, targets):
     """An FP8 weight kept unquantized, dequantised into the output's compute dtype."""
     import torch
