@@ -130,3 +130,27 @@ def test_nan_names_the_layer(tiny_checkpoint, tmp_path):
     ids, mask = make_batch(256, LENGTHS, seed=7)
     with pytest.raises(SurgeryError, match="after layer 1"):
         run_streaming(bad, tmp_path / "w", ids, mask)
+
+
+def test_ranks_opening_a_new_cache_at_once_share_it(tmp_path):
+    """Ranks of one job open WORK/cache.zarr together; the one that loses the group's creation opens the
+    winner's (before the fix about 25 of 30 rounds of 8 openers raised zarr's ContainsGroupError)."""
+    import threading
+
+    for trial in range(10):
+        path, errors, caches = tmp_path / f"c{trial}.zarr", [], []
+
+        def open_cache(path=path, errors=errors, caches=caches):
+            try:
+                caches.append(HiddenCache(path))
+            except Exception as e:  # noqa: BLE001 - any failure is the bug
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=open_cache) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[0]
+        caches[0].write_tokens(np.zeros((2, 3), dtype=np.int64), np.ones((2, 3), dtype=np.uint8), 2)
+        assert all(c.path == path for c in caches) and HiddenCache(path).has_tokens()

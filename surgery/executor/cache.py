@@ -26,7 +26,12 @@ LOGICAL = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 class HiddenCache:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.group = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+        try:
+            self.group = zarr.open_group(str(self.path), mode="a", zarr_format=3)
+        except zarr.errors.ContainsGroupError:
+            # Ranks of one job open the cache at once: mode "a" creates a missing group, and a rank that
+            # found none can lose the creation to another. The group it lost to is the one to open.
+            self.group = zarr.open_group(str(self.path), mode="r+", zarr_format=3)
 
     # ---------------------------------------------------------------- tokens
     def write_tokens(self, input_ids: np.ndarray, attention_mask: np.ndarray, chunk: int) -> None:
