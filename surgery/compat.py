@@ -4,7 +4,9 @@ Why: pyproject promises a range of transformers versions and CI tests its floor 
 venv with `TRANSFORMERS_FLOOR`); a command run on a version outside the range says so in one line
 instead of failing deep in a layer. transformers renamed `create_causal_mask`'s keywords
 (`input_embeds` -> `inputs_embeds`, `past_key_values` -> `cache`, `cache_position` dropped), so
-`causal_mask` passes whichever the installed version takes, read from its signature once.
+`causal_mask` passes whichever the installed version takes, read from its signature once. Chat templates
+are compiled by a function surgery replaces to bound their work (`surgery.data.template_budget`), and where
+transformers keeps its own compiler moved too (`template_compiler`).
 """
 
 from __future__ import annotations
@@ -55,3 +57,23 @@ def causal_mask(builder, config, x, attention_mask, position_ids):
 
         kwargs["cache_position"] = torch.arange(x.shape[1], device=x.device)
     return builder(**kwargs)
+
+
+def template_compiler():
+    """(transformers' chat-template module, its own uncached compiler `str -> Template`, which builds a
+    fresh environment at every call): the module whose `_compile_jinja_template` every render calls (and
+    `surgery.data.template_budget.install` replaces), and the compiler whose environment surgery bounds.
+    Recent 5.x keep that compiler as `_cached_compile_jinja_template` (despite its name, uncached) behind the
+    lru-cached `_compile_jinja_template`; 5.0 has only the lru-cached `_compile_jinja_template`, whose
+    `__wrapped__` it is (`install` keeps the original as `surgery_unbounded` on its replacement)."""
+    from transformers.utils import chat_template_utils as module
+
+    current = getattr(module, "_compile_jinja_template", None)
+    if not callable(current):
+        raise SurgeryError("this transformers version compiles chat templates in a way surgery does not know, so "
+                           "it cannot bound their work; use transformers 5.x")
+    compiler = getattr(module, "_cached_compile_jinja_template", None)
+    if compiler is None:
+        original = getattr(current, "surgery_unbounded", current)
+        compiler = getattr(original, "__wrapped__", original)
+    return module, compiler

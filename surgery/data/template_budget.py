@@ -34,7 +34,7 @@ from jinja2.environment import Template
 from jinja2.runtime import LoopContext
 from jinja2.utils import Namespace, generate_lorem_ipsum
 
-from surgery.errors import SurgeryError
+from surgery.compat import template_compiler
 
 MAX_STEPS = 1_000_000  # loop iterations + calls per render; real templates take ~10 per message
 MAX_TEXT = 1 << 24  # characters: output per render, and any one value
@@ -368,19 +368,10 @@ def _bounded_class(base: type) -> type:
     return type(f"Bounded{base.__name__}", (_Bounds, base), {})
 
 
-def _transformers_templates():
-    from transformers.utils import chat_template_utils
-
-    if not hasattr(chat_template_utils, "_cached_compile_jinja_template"):
-        raise SurgeryError("this transformers version compiles chat templates in a way surgery does not know, so "
-                           "it cannot bound their work; use transformers 5.x")
-    return chat_template_utils
-
-
 @functools.lru_cache(maxsize=32)
 def compile_bounded(chat_template: str) -> Template:
     """`chat_template` compiled by transformers' own environment, made bounded."""
-    env = _transformers_templates()._cached_compile_jinja_template("").environment
+    env = template_compiler()[1]("").environment
     env.__class__ = _bounded_class(type(env))
     env.filters = {name: _guard_filter(name, fn) for name, fn in env.filters.items()}
     env.filters[LOOP_FILTER] = _loop_budget
@@ -393,6 +384,7 @@ compile_bounded.surgery_bounded = True  # type: ignore[attr-defined]
 def install() -> None:
     """Make transformers compile every chat template bounded (idempotent; process-wide, which is what a
     surgery command wants: it renders templates only through the tokenizer)."""
-    module = _transformers_templates()
+    module, _ = template_compiler()
     if not getattr(module._compile_jinja_template, "surgery_bounded", False):
+        compile_bounded.surgery_unbounded = module._compile_jinja_template  # type: ignore[attr-defined]
         module._compile_jinja_template = compile_bounded

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `just floor-check`: surgery on the lowest transformers pyproject allows (surgery.compat.TRANSFORMERS_FLOOR),
 # in .venv-floor (git-ignored): one family's oracle tests (the in-memory model against the streaming
-# engine) and a `surgery calibrate`. The project's .venv tests the newest transformers; this, the floor.
+# engine), the chat-template bounds, and a `surgery calibrate`. The project's .venv tests the newest transformers; this,
+# the floor.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 
@@ -15,6 +16,8 @@ ensure_venv "$venv" "import sys, surgery, pytest, transformers; sys.exit(transfo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 "$py" -c "import transformers; print('floor-check: transformers', transformers.__version__)"
 "$py" -m pytest -q -p no:cacheprovider tests/test_oracle.py tests/test_calibrate.py -k minimax_m2
+# chat templates render bounded through whichever compiler this transformers has (surgery.compat)
+"$py" -m pytest -q -p no:cacheprovider tests/test_reliability_templates.py
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$py" - "$work/model" <<'PY'
