@@ -45,6 +45,8 @@ class _State(Journal):
                  command: str = "quantize --method gptq") -> None:
         self.path, self.identity, self.gp, self.command = work / name, identity, gp, command
         self.fallback = dict((previous or {}).get("rtn_fallback", {}))
+        # only a pass that factorises Hessians (GPTQ) has failed factorisations to record
+        self.factorises = hasattr(gp, "cholesky_fallback")
         self.cholesky = dict((previous or {}).get("cholesky_fallback", {}))
 
     def commit(self, boundary: int | None) -> None:
@@ -52,10 +54,12 @@ class _State(Journal):
             for layer in range(boundary):
                 if layer in self.gp.rtn_fallback:
                     self.fallback[str(layer)] = self.gp.rtn_fallback[layer]
-                    self.cholesky[str(layer)] = getattr(self.gp, "cholesky_fallback", {}).get(layer, 0)
+                    if self.factorises:
+                        self.cholesky[str(layer)] = self.gp.cholesky_fallback.get(layer, 0)
         write_json_atomic(self.path, {"tool": f"surgery {surgery.__version__}", "command": self.command,
                                       "identity": self.identity, "completed_layers": boundary,
-                                      "rtn_fallback": self.fallback, "cholesky_fallback": self.cholesky})
+                                      "rtn_fallback": self.fallback,
+                                      **({"cholesky_fallback": self.cholesky} if self.factorises else {})})
         committed = getattr(self.gp, "committed", None)
         if committed is not None:
             committed(boundary)
