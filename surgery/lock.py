@@ -185,17 +185,33 @@ def _write_holder(fd: int) -> None:
 
 
 def _describe(fd: int) -> str:
-    """The holder as one line; its text may be a moment late (written just after the flock)."""
+    """The holder as one line. Its text may be a moment late (written just after the flock): until then the
+    file is empty, or still names the previous holder, dead (its lock was taken over after a kill -9)."""
     info = None
     for _ in range(20):
         try:
             info = json.loads(os.pread(fd, 65536, 0).decode("utf-8", "replace"))
-            break
         except ValueError:
-            time.sleep(0.05)
+            info = None
+        if isinstance(info, dict) and not _dead_here(info):
+            break
+        time.sleep(0.05)
     if not isinstance(info, dict):
         return "holder unknown"
     command = " ".join(str(info.get("command", "?")).split())
     if len(command) > 200:
         command = command[:197] + "..."
     return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}: {command}"
+
+
+def _dead_here(info: dict) -> bool:
+    """Whether a holder's text names a process of this host that no longer runs."""
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return False
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False

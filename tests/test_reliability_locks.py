@@ -212,3 +212,34 @@ def test_read_only_commands_never_block(capsys, reliability_model, finished, tmp
                         "--dry-run")
         assert code == 0, err
         assert not (work / "plan.json").exists()
+
+
+def test_refusal_names_the_new_holder_not_the_dead_one_it_took_over_from(tmp_path):
+    """After a kill -9 the lock file still names the dead holder until its successor, holding the flock,
+    writes its own name: a process refused in that moment waits for the successor's name."""
+    import fcntl
+    import json
+    import socket
+    import threading
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "command": "surgery old",
+                                "since": "then"}) + "\n")
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the successor holds the lock, its name not yet written
+
+    def successor_writes_its_name() -> None:
+        os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "surgery new",
+                                   "since": "now"}) + "\n").encode(), 0)
+
+    timer = threading.Timer(0.2, successor_writes_its_name)
+    timer.start()
+    try:
+        with pytest.raises(SurgeryError) as refused, directory_lock(tmp_path):
+            pass
+    finally:
+        timer.join()
+        os.close(fd)
+    assert f"pid {os.getpid()} on " in str(refused.value) and "surgery new" in str(refused.value)
