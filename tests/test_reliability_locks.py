@@ -230,7 +230,8 @@ def test_refusal_names_the_new_holder_not_the_dead_one_it_took_over_from(tmp_pat
     fd = os.open(path, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the successor holds the lock, its name not yet written
 
-    def successor_writes_its_name() -> None:
+    def successor_writes_its_name() -> None:  # as surgery.lock._write_holder does
+        os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": "surgery new",
                                    "since": "now"}) + "\n").encode(), 0)
 
