@@ -69,3 +69,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: Sequence[int] 
     if not parts:
         return x.new_zeros((0, out_f))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def grouped_weight_grad(grad: torch.Tensor, x: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    """Every expert's weight gradient of `grouped_linear` (not transposed) at once: `[n, out, in]` with
+    G_j = grad[rows of j]^T x[rows of j] (zeros for an expert without rows), in the inputs' dtype. Where
+    the grouped kernel runs this is one call (its form that groups the summed dimension), not one small
+    GEMM per expert: the tuned quantizer's backward takes it for every expert weight at every step."""
+    n, out_f, in_f = len(counts), grad.shape[1], x.shape[1]
+    if use_grouped_mm(x.device, x.dtype) and grad.dtype == x.dtype and _aligned(in_f, out_f) and x.shape[0] > 0:
+        offsets = offsets_of(torch.as_tensor(list(counts), device=x.device))
+        return torch._grouped_mm(grad.t(), x, offs=offsets)
+    out = x.new_zeros((n, out_f, in_f))
+    start = 0
+    for j, c in enumerate(counts):
+        if c:
+            out[j] = grad[start:start + c].t() @ x[start:start + c]
+        start += c
+    return out

@@ -32,10 +32,11 @@ from dataclasses import dataclass
 
 import torch
 
-from surgery.executor.grouped import grouped_linear
+from surgery.executor.grouped import grouped_linear, grouped_weight_grad
 from surgery.quant.rtn import MAXQ, SCALE_FLOOR, grouped_rows, num_groups
 
 EXPERT_CHUNK = {"cpu": 1 << 24, "cuda": 1 << 30}  # fake-quantised expert weight elements built at once
+GRAD_CHUNK = 1 << 24  # weight-gradient elements (float32) of the experts taken at once in the backward
 LOSS_SCALE = 1000.0  # AutoRound scales the loss before backward (it changes no sign, only underflow)
 
 
@@ -149,15 +150,19 @@ class _QGroupedLinear(torch.autograd.Function):
                 continue
             w = rw.ungroup_experts(_values_of(r8[a:b], sf[a:b], ctx.dtype), e1 - e0)
             gx[r0:r1] = grouped_linear(gy[r0:r1], w, counts[e0:e1], transposed=True)
-            start = r0
-            for j in range(e0, e1):
-                c = counts[j]
-                if c:
-                    gw = (gy[start:start + c].t() @ x[start:start + c]).float()  # F.linear's weight gradient
-                    gw = torch.nn.functional.pad(gw, (0, pad)).reshape(per, -1)
-                    ja, jb = j * per, (j + 1) * per
-                    _grad_rows(gw, rw.grouped[ja:jb], r8[ja:jb], sf[ja:jb], dv[ja:jb], ds[0, ja:jb], ds[1, ja:jb])
-                start += c
+            # F.linear's weight gradient, into v's and the factors' gradients, a few experts at a time
+            # (one grouped call each where the kernel runs; float32 temporaries bounded by GRAD_CHUNK)
+            step = max(1, GRAD_CHUNK // (rw.shape[1] * rw.groups * rw.grouped.shape[-1]))
+            for f0 in range(e0, e1, step):
+                f1 = min(f0 + step, e1)
+                s0 = r0 + sum(counts[e0:f0])
+                s1 = s0 + sum(counts[f0:f1])
+                if s1 == s0:
+                    continue
+                gw = grouped_weight_grad(gy[s0:s1], x[s0:s1], counts[f0:f1]).float()
+                gw = torch.nn.functional.pad(gw, (0, pad)).reshape((f1 - f0) * per, -1)
+                ja, jb = f0 * per, f1 * per
+                _grad_rows(gw, rw.grouped[ja:jb], r8[ja:jb], sf[ja:jb], dv[ja:jb], ds[0, ja:jb], ds[1, ja:jb])
         return gx, dv, ds[0] + ds[1], None, None, None
 
 
