@@ -187,6 +187,36 @@ def test_paged_calibration_is_bit_identical(name, model_of, monkeypatch, groups,
         assert_same_hidden(tmp_path / "one", work, len(LENGTHS))
 
 
+@pytest.mark.parametrize("name", ["minimax_m2", "gpt_oss", "glm4_moe-mtp"])
+def test_paged_replay_runs_no_attention(name, model_of, monkeypatch, tmp_path):
+    """A paged layer's second run is its second half only (h + moe(norm(h)), surgery.executor.residual):
+    attention runs once per batch and MoE layer, where replaying the whole layer ran it twice, and the
+    statistics are the same either way (and equal one chunk's: test above)."""
+    from surgery.arch.layer import LayerFactory
+
+    calls: list[str] = []
+
+    def count(module, args, out) -> None:
+        if type(module).__name__.endswith("Attention"):
+            calls.append(type(module).__name__)
+
+    model_dir = model_of(name)
+    set_paging(monkeypatch, 3, 40)
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        short, summary = calibrate(model_dir, tmp_path / "short", keep_hidden=False)
+        once = len(calls)
+        calls.clear()
+        monkeypatch.setattr(LayerFactory, "moe_norm", lambda self, module: None)
+        whole, _ = calibrate(model_dir, tmp_path / "whole", keep_hidden=False)
+    finally:
+        handle.remove()
+    batches = -(-len(LENGTHS) // 3)
+    moe_layers = len(summary["experts_per_chunk"])
+    assert once > 0 and len(calls) - once == moe_layers * batches, (once, len(calls))
+    assert canonical(short["layers"]) == canonical(whole["layers"])
+
+
 @pytest.mark.parametrize("name", ["minimax_m2-fp8", "glm4_moe", "gpt_oss"])
 def test_paged_reference_routing_is_bit_identical(name, model_of, monkeypatch, groups, tmp_path):
     """Reference routing (the observer re-routes from the router's logits in each batch's capture)."""

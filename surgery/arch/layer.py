@@ -232,6 +232,12 @@ class LayerFactory:
             return block
         return None
 
+    def moe_norm(self, module: nn.Module) -> nn.Module | None:
+        """The norm before a pre-norm decoder layer's MoE block (`ArchSpec.moe_norm`), or None."""
+        name = self.model.spec.moe_norm
+        norm = getattr(module, name, None) if name else None
+        return norm if isinstance(norm, nn.Module) else None
+
 
 def _weight_name(name: str) -> str:
     """`X.weight` for a packed `X.qweight` (the name transformers' module and the table know), else `name`."""

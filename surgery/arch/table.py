@@ -82,6 +82,10 @@ class ArchSpec:
     # what a key absent from config.json means, where transformers derives it in the modeling code
     config_defaults: tuple[tuple[str, str], ...] = (("head_dim", "hidden_size//num_attention_heads"),)
     required_layer_tensors: tuple[str, ...] = ("input_layernorm.weight", "post_attention_layernorm.weight")
+    # attribute of the transformers decoder layer holding the norm before the MoE block, where the layer is
+    # pre-norm (output = h + moe(norm(h)), h the residual after attention): a paged layer's replay then
+    # skips attention (surgery.executor.residual); None: the replay runs the whole layer again
+    moe_norm: str | None = "post_attention_layernorm"
     # MTP fields a hub config may declare while its weights hold no MTP tensors (MiniMax-M2/M2.1): kept as
     # they are; tensors past the last layer of such a family are refused (no layout for them is known)
     declared_mtp_keys: tuple[str, ...] = ()

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ from surgery.executor.experts import RoutedExperts
 from surgery.executor.mtp import walk_mtp
 from surgery.executor.passes import Journal, LayerPass
 from surgery.executor.progress import layer_progress
+from surgery.executor.residual import AfterAttention, ResidualCapture
 from surgery.executor.stream import Batch, LayerStream, real_length
 from surgery.executor.tiers import MemoryTier, ZarrTier
 from surgery.executor.timing import DeviceClock, process_age
@@ -300,20 +302,23 @@ class LayerEngine:
                                         self._should_stop, scored, overlap_io)
                 return
             done = 0
+            norm = self.factory.moe_norm(module)
+            second = AfterAttention(norm, block) if norm is not None else module
             for part in plan_memory.groups(batches, mask, group):
                 inputs = {b: read(b, real_length(mask[b[0]:b[1]])) for b in part}
                 held = _held(inputs)
                 runner.capture()
-                self.stream.run_batches(layer, module, part, mask, held, lambda b, y: None, lambda n: None, runner,
-                                        None, scored, first_index=None)
+                with ResidualCapture(norm, inputs, part) if norm is not None else nullcontext():
+                    self.stream.run_batches(layer, module, part, mask, held, lambda b, y: None, lambda n: None,
+                                            runner, None, scored, first_index=None)
                 for ids, weights in store.chunks(experts, per_chunk, self.staging, self.buffers, self.opts.prefetch,
                                                  build):
                     for p in passes:
                         p.chunk(layer, store, ids, weights, runner.captured)
                     runner.compute(ids, weights, runner.captured, ids[0])
                     self._track()
-                runner.replay()
-                self.stream.run_batches(layer, module, part, mask, held, write, advance, runner, self._should_stop,
+                runner.replay()  # the layer's second half only, where it is pre-norm (executor/residual.py)
+                self.stream.run_batches(layer, second, part, mask, held, write, advance, runner, self._should_stop,
                                         scored, first_index=done)
                 done += len(part)
         finally:

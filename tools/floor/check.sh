@@ -16,6 +16,10 @@ ensure_venv "$venv" "import sys, surgery, pytest, transformers; sys.exit(transfo
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 "$py" -c "import transformers; print('floor-check: transformers', transformers.__version__)"
 "$py" -m pytest -q -p no:cacheprovider tests/test_oracle.py tests/test_calibrate.py -k minimax_m2
+# a paged layer's replay computes the decoder layer's second half itself (surgery.executor.residual): it must
+# equal this transformers' own layer, for a plain family, one with a tuple-returning block, and MTP
+"$py" -m pytest -q -p no:cacheprovider tests/test_paging.py \
+    -k "bit_identical and (minimax_m2 or gpt_oss or glm4_moe-mtp) or runs_no_attention"
 # chat templates render bounded through whichever compiler this transformers has (surgery.compat)
 "$py" -m pytest -q -p no:cacheprovider tests/test_reliability_templates.py
 work=$(mktemp -d)
