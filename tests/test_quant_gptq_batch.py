@@ -105,6 +105,26 @@ def test_a_hessian_that_does_not_factorise_takes_rtn_alone():
         assert torch.equal(got.levels[k].t(), q) and torch.equal(got.scales[k], s)
 
 
+@pytest.mark.parametrize("fail", [False, True])
+def test_accelerator_branches_give_the_same_bits(fail, monkeypatch):
+    """The branches a GPU takes (no host read-back: dead inputs masked and RTN computed for every weight,
+    then selected on the device; the batch whole, not in threaded parts), taken on the CPU: the same
+    levels, scales and failures as the host's branches."""
+    import surgery.quant.gptq_batch as gptq_batch
+
+    w, h = random_problem(5, 64, 192, seed=13)
+    if fail:
+        h[3] = -torch.eye(192)
+    host = quantize_batch(w, h.clone(), 128)
+    u_host, f_host = inverse_cholesky_batch(h.clone(), w.clone())
+    monkeypatch.setattr(gptq_batch, "host_side", lambda device: False)
+    device = quantize_batch(w, h.clone(), 128)
+    u_dev, f_dev = inverse_cholesky_batch(h.clone(), w.clone())
+    assert torch.equal(device.levels, host.levels) and torch.equal(device.scales, host.scales)
+    assert device.failed.tolist() == host.failed.tolist() == [False, False, False, fail, False]
+    assert torch.equal(u_dev, u_host) and torch.equal(f_dev, f_host)
+
+
 def test_pack_and_decode_batch_equal_the_per_weight_format():
     w, h = random_problem(3, 64, 192, seed=5)
     got = quantize_batch(w, h.clone(), 128)

@@ -43,6 +43,13 @@ from surgery.quant.rtn import MAXQ, group_scales, num_groups, rtn_quantize
 CPU_BLOCK_BYTES = 8 << 20  # float32 bytes of one CPU sub-batch's column block ([n_sub, block, out])
 
 
+def host_side(device: torch.device) -> bool:
+    """Whether `device` is the host: there a check that reads a value back is free, and a batch is cut
+    into cache-sized parts on threads. Elsewhere (an accelerator) nothing reads back and a batch runs
+    whole; the one switch, so a test can take the accelerator's branches on the CPU (same results)."""
+    return device.type == "cpu"
+
+
 @dataclass
 class Quantized:
     """Levels uint8 `[n, in, out]` (0..15, zero point 8) and fp16 scales `[n, out, groups]` of a batch;
@@ -60,7 +67,7 @@ def inverse_cholesky_batch(hessian: torch.Tensor, weight: torch.Tensor,
     overwritten. A batch element whose factorisation fails gets U = I and failed = True (no host sync)."""
     diag = hessian.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
-    cpu = hessian.device.type == "cpu"  # where a host check is free, skip the passes it shows are no-ops
+    cpu = host_side(hessian.device)  # where a host check is free, skip the passes it shows are no-ops
     if not cpu or bool(dead.any()):
         diag.masked_fill_(dead, 1)
         weight.masked_fill_(dead.unsqueeze(1), 0)
@@ -103,7 +110,7 @@ def quantize_batch(weight: torch.Tensor, hessian: torch.Tensor, group_size: int 
         u, failed[a:b] = inverse_cholesky_batch(hessian[a:b], w, damp)
         _columns(w, u, group_size, levels[a:b], scales[a:b])
 
-    cpu = device.type == "cpu"  # on a CPU, sub-batches whose column block fits the cache; else all at once
+    cpu = host_side(device)  # on a CPU, sub-batches whose column block fits the cache; else all at once
     for_parts(n, max(1, CPU_BLOCK_BYTES // (4 * min(group_size, in_f) * out_f)) if cpu else n, part, device)
     # on a CPU a host check is free and saves the RTN pass; elsewhere RTN is always computed and selected
     # on the device, so nothing waits for the factorisation's result
@@ -119,7 +126,7 @@ def for_parts(n: int, per: int, run: Callable[[int, int], None], device: torch.d
     in parts of about equal size on as many threads as torch may use, one intra-op thread each."""
     if n == 0:
         return
-    if device.type != "cpu":
+    if not host_side(device):
         for a in range(0, n, max(per, 1)):
             run(a, min(a + per, n))
         return
