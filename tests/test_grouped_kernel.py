@@ -106,19 +106,9 @@ def test_unaligned_shapes_fall_back_to_the_loop(kernel):
 def test_tuned_quantizer_with_the_kernel(in_features, kernel):
     """SignRound's expert linear (forward through the kernel, weight gradients in one grouped call per few
     experts) against autograd through `qdq` and the kernel: the same output and gradients."""
-    from surgery.quant.signround import RoundedWeight
+    from tests.test_quant_autoround import tuned_experts_problem
 
-    torch.manual_seed(5)
-    w = torch.randn(4, 32, in_features) * 0.05
-    counts = [7, 0, 12, 5]
-    x = torch.randn(sum(counts), in_features)
-    probe = torch.randn(sum(counts), 32)
-    ours, ref = RoundedWeight(w.clone(), 128), RoundedWeight(w.clone(), 128)
-    with torch.no_grad():
-        for r in (ours, ref):
-            torch.manual_seed(6)
-            r.v.uniform_(-0.5, 0.5)
-            r.max_scale.uniform_(0.7, 1.0)
+    ours, ref, x, counts, probe = tuned_experts_problem(in_features)
     (ours.linear(x, counts, torch.float32) * probe).sum().backward()
     before = len(kernel)
     assert before >= 2  # the forward, and the weight gradients in the backward

@@ -199,6 +199,23 @@ def test_grouped_expert_forward_equals_per_expert_loop():
     assert gate_up.grad is not None and bool(gate_up.grad.abs().sum() > 0)
 
 
+def tuned_experts_problem(in_features: int):
+    """Two equal stacks of 4 experts' SignRound parameters (moved off their initial values), routed rows
+    (expert 1 gets none) and a probe of the output: (ours, ref, x, counts, probe)."""
+    torch.manual_seed(5)
+    w = torch.randn(4, 32, in_features) * 0.05
+    counts = [7, 0, 12, 5]
+    x = torch.randn(sum(counts), in_features)
+    probe = torch.randn(sum(counts), 32)
+    ours, ref = RoundedWeight(w.clone(), 128), RoundedWeight(w.clone(), 128)
+    with torch.no_grad():
+        for r in (ours, ref):
+            torch.manual_seed(6)
+            r.v.uniform_(-0.5, 0.5)
+            r.max_scale.uniform_(0.7, 1.0)
+    return ours, ref, x, counts, probe
+
+
 @pytest.mark.parametrize("in_features,chunk", [(256, 1 << 24), (192, 1 << 24), (192, 1)])
 def test_tuned_expert_linear_equals_autograd_through_qdq(in_features, chunk, monkeypatch):
     """`RoundedWeight.linear` (weights rebuilt in the backward) against autograd through `qdq` and
@@ -206,18 +223,8 @@ def test_tuned_expert_linear_equals_autograd_through_qdq(in_features, chunk, mon
     import surgery.quant.signround as signround
 
     monkeypatch.setitem(signround.EXPERT_CHUNK, "cpu", chunk)  # 1: one expert at a time
-    torch.manual_seed(5)
-    e, out_f = 4, 32
-    w = torch.randn(e, out_f, in_features) * 0.05
-    counts = [7, 0, 12, 5]
-    x = torch.randn(sum(counts), in_features)
-    probe = torch.randn(sum(counts), out_f)
-    ours, ref = RoundedWeight(w.clone(), 128), RoundedWeight(w.clone(), 128)
-    with torch.no_grad():
-        for r in (ours, ref):
-            torch.manual_seed(6)
-            r.v.uniform_(-0.5, 0.5)
-            r.max_scale.uniform_(0.7, 1.0)
+    out_f = 32
+    ours, ref, x, counts, probe = tuned_experts_problem(in_features)
     y = ours.linear(x, counts, torch.float32)
     (y * probe).sum().backward()
     y_ref = grouped_linear(x, ref.qdq(torch.float32), counts)
