@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from surgery.errors import SurgeryError
+
 Batch = tuple[int, int]
 
 
@@ -31,8 +33,9 @@ class ResidualCapture:
         self._handle = None
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        batch = self.part[self.seen]
-        self.inputs[batch] = args[0].to(self.inputs[batch].device)
+        if self.seen < len(self.part):  # more calls than batches: said once the run is over
+            batch = self.part[self.seen]
+            self.inputs[batch] = args[0].to(self.inputs[batch].device)
         self.seen += 1
 
     def __enter__(self) -> ResidualCapture:
@@ -42,7 +45,8 @@ class ResidualCapture:
     def __exit__(self, *exc) -> None:
         self._handle.remove()
         if exc[0] is None and self.seen != len(self.part):
-            raise RuntimeError(f"the MoE norm ran {self.seen} times for {len(self.part)} batches")
+            raise SurgeryError(f"internal error: the MoE norm ran {self.seen} times for {len(self.part)} batches "
+                               "(a decoder layer that is not pre-norm: set its ArchSpec.moe_norm to None)")
 
 
 class AfterAttention:
