@@ -25,6 +25,7 @@ from surgery.errors import SurgeryError
 from surgery.plan.counts import kept_count
 from surgery.plan.merge import SALIENCIES, mean_outputs, merge_groups
 from surgery.plan.protect import MODES, Protection, protected_experts
+from surgery.plan.scores import layer_scores
 
 METHODS = ("reap", "frequency", "ean", "weighted_frequency", "random")  # rank by a saliency and drop
 PLAN_METHODS = (*METHODS, "merge")  # merge: keep what a saliency keeps, fold the dropped into the kept
@@ -53,25 +54,6 @@ def _random_scores(seed: int, layer: int, num_experts: int) -> list[float]:
         digest = hashlib.sha256(f"surgery-random:{seed}:{layer}:{e}".encode()).digest()
         out.append(int.from_bytes(digest[:8], "little") / 2**64)
     return out
-
-
-def _scores(layers_in: dict, layer: int, stat: str, num_experts: int) -> list[float]:
-    """One layer's saliency `stat` as floats, or a one-line refusal saying what is wrong with it."""
-    stats = layers_in.get(str(layer))
-    if not isinstance(stats, dict) or stat not in stats:
-        raise SurgeryError(f"saliency has no {stat!r} statistics for MoE layer {layer} "
-                           "(calibration incomplete or for another model?)")
-    scores = stats[stat]
-    if not isinstance(scores, list) or len(scores) != num_experts:
-        raise SurgeryError(f"saliency {stat!r} of layer {layer} has "
-                           f"{len(scores) if isinstance(scores, list) else 'no'} values, expected {num_experts}")
-    try:
-        scores = [float(s) for s in scores]
-    except (TypeError, ValueError):
-        raise SurgeryError(f"saliency {stat!r} of layer {layer} holds a non-number") from None
-    if any(math.isnan(s) for s in scores):
-        raise SurgeryError(f"saliency {stat!r} of layer {layer} holds NaN (calibration diverged?)")
-    return scores
 
 
 def check_request(model: MoEModel, method: str, ratio: float | None = None, *, keep: int | None = None,
@@ -116,7 +98,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
         if method == "random":
             scores = _random_scores(seed, layer, num_experts)
         else:
-            scores = _scores(layers_in, layer, rank_by, num_experts)
+            scores = layer_scores(layers_in, layer, rank_by, num_experts)
         guarded = protection.experts.get(layer, {}) if protection else {}
         if guarded:
             _check_room(model, layer, guarded, n_keep, n_group, protection)
@@ -127,7 +109,7 @@ def make_plan(saliency: dict, model: MoEModel, method: str, ratio: float | None 
         if guarded:
             entry["protected"] = {str(e): v for e, v in sorted(guarded.items())}
         if method == "merge":
-            freq = _scores(layers_in, layer, "frequency", num_experts)
+            freq = layer_scores(layers_in, layer, "frequency", num_experts)
             means = mean_outputs(outputs(layer), freq, layer)
             entry["merge"] = {str(c): ds for c, ds in merge_groups(means, freq, kept_ids, n_group).items()}
             entry["merge_weights"] = freq

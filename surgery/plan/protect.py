@@ -16,12 +16,12 @@ which the reference never observes, take no part: they add no values and are nev
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from surgery.errors import SurgeryError
+from surgery.plan.scores import layer_scores
 
 MODES = ("super", "outliers")
 QUANTILE = 0.995
@@ -49,20 +49,10 @@ class Protection:
 
 def max_activations(saliency_layers: dict, layers: list[int], num_experts: int) -> np.ndarray:
     """[L, E] float64 of saliency.json's `max_activation`, in layer order; one-line refusal if absent."""
-    rows = []
-    for layer in layers:
-        stats = saliency_layers.get(str(layer))
-        values = stats.get("max_activation") if isinstance(stats, dict) else None
-        if not isinstance(values, list) or len(values) != num_experts:
-            raise SurgeryError(f"--protect needs saliency 'max_activation' with {num_experts} values for MoE layer "
-                               f"{layer} (calibration incomplete or for another model?)")
-        try:
-            row = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise SurgeryError(f"saliency 'max_activation' of layer {layer} holds a non-number") from None
-        if any(math.isnan(v) for v in row):
-            raise SurgeryError(f"saliency 'max_activation' of layer {layer} holds NaN (calibration diverged?)")
-        rows.append(row)
+    rows = [layer_scores(saliency_layers, layer, "max_activation", num_experts,
+                         missing=f"--protect needs saliency 'max_activation' with {num_experts} values for MoE "
+                                 f"layer {layer} (calibration incomplete or for another model?)")
+            for layer in layers]
     return np.asarray(rows, dtype=np.float64).reshape(len(layers), num_experts)
 
 
